@@ -1,0 +1,365 @@
+"""The ``raycaption`` command line; jobs/*.py call the same ``main``.
+
+Exit codes: 0 success, 1 the run failed, 2 bad configuration or input (nothing was done).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+from importlib import resources
+from pathlib import Path
+
+from raycaption.config import (
+    DEFAULT_EXTENSIONS,
+    CaptionConfig,
+    ComputeConfig,
+    InputConfig,
+    ModelConfig,
+    StorageConfig,
+    parse_concurrency,
+)
+from raycaption.errors import ConfigError
+
+logger = logging.getLogger("raycaption")
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+_C, _M = ComputeConfig(), ModelConfig()
+
+
+def _add_caption_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
+    g = p.add_argument_group("input")
+    if not demo:
+        g.add_argument(
+            "--input",
+            required=True,
+            metavar="URI",
+            help="folder/prefix (s3://bucket/images/, /data/images, any fsspec URL) or a "
+            "manifest file (.parquet, .csv, .jsonl) with one image URI per row",
+        )
+        g.add_argument(
+            "--manifest",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="treat --input as a manifest (default: decided by its suffix)",
+        )
+        g.add_argument(
+            "--uri-column",
+            metavar="NAME",
+            help="manifest column with the image URIs (default: the first of uri, url, "
+            "image_uri, image_url, source_uri, path); other columns are carried into the "
+            "output",
+        )
+        g.add_argument(
+            "--extensions",
+            default=",".join(DEFAULT_EXTENSIONS),
+            metavar="LIST",
+            help="file extensions kept when listing a prefix (default: %(default)s)",
+        )
+        g.add_argument(
+            "--glob",
+            metavar="PATTERN",
+            help="fnmatch pattern on paths relative to the prefix, e.g. '2026-11-*/*'",
+        )
+    g.add_argument("--limit", type=int, metavar="N", help="only the first N inputs (trial runs)")
+
+    g = p.add_argument_group("output")
+    g.add_argument(
+        "--output",
+        required=not demo,
+        metavar="URI",
+        default="demo-output" if demo else None,
+        help="output folder: captions/, errors/, summary.json"
+        + (" (default: %(default)s)" if demo else ""),
+    )
+    g.add_argument(
+        "--run-id", metavar="ID", help="run id recorded in every row (default: time+random)"
+    )
+
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--model",
+        required=not demo,
+        metavar="NAME",
+        default=str(bundled("demo-model")) if demo else None,
+        help="hub id (microsoft/git-base-coco, Salesforce/blip-image-captioning-base, "
+        "Salesforce/blip2-opt-2.7b) or a save_pretrained folder, local or on object storage"
+        + (" (default: the bundled demo model)" if demo else ""),
+    )
+    g.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    g.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow model code from the hub (off by default)",
+    )
+    g.add_argument(
+        "--dtype",
+        default=_M.dtype,
+        choices=("auto", "float32", "float16", "bfloat16"),
+        help="auto = bfloat16/float16 on GPU, float32 on CPU (default: %(default)s)",
+    )
+    g.add_argument(
+        "--prompt",
+        metavar="TEMPLATE",
+        help="BLIP/BLIP-2 prompt; {column} fields are filled from manifest columns, e.g. "
+        "'Question: what is the {title}? Answer:'",
+    )
+    g.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=_M.max_new_tokens,
+        metavar="N",
+        help="(default: %(default)s)",
+    )
+    g.add_argument("--min-new-tokens", type=int, metavar="N", help="force a minimum caption length")
+    g.add_argument(
+        "--num-beams",
+        type=int,
+        default=_M.num_beams,
+        metavar="N",
+        help="beam search width; 1 = greedy (default: %(default)s)",
+    )
+    g.add_argument(
+        "--generate-kwarg",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="extra generate() argument, e.g. repetition_penalty=1.2 (repeatable)",
+    )
+
+    g = p.add_argument_group("compute")
+    g.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="Ray cluster to join (default: the job's cluster, or a new local one)",
+    )
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=_C.batch_size,
+        metavar="N",
+        help="images per model call (default: %(default)s)",
+    )
+    g.add_argument(
+        "--concurrency",
+        default=None,
+        metavar="N|MIN,MAX",
+        help="caption actors: fixed N or autoscaling MIN,MAX (default: 1)",
+    )
+    g.add_argument(
+        "--num-gpus",
+        type=float,
+        metavar="X",
+        help="GPUs per caption actor, fractions allowed (default: 1 if the cluster has "
+        "GPUs, else 0)",
+    )
+    g.add_argument(
+        "--num-cpus",
+        type=float,
+        default=_C.num_cpus,
+        metavar="X",
+        help="CPUs reserved per caption actor (default: %(default)s)",
+    )
+    g.add_argument(
+        "--decode-batch-size",
+        type=int,
+        default=_C.decode_batch_size,
+        metavar="N",
+        help="images per read/decode task (default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-image-bytes",
+        type=int,
+        default=_C.max_image_bytes,
+        metavar="N",
+        help="larger files become file_too_large error rows (default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=_C.max_image_pixels,
+        metavar="N",
+        help="larger images become decompression_bomb error rows (default: %(default)s)",
+    )
+    g.add_argument(
+        "--read-retries",
+        type=int,
+        default=_C.read_retries,
+        metavar="N",
+        help="attempts per object on transient storage errors (default: %(default)s)",
+    )
+
+    g = p.add_argument_group("storage (credentials come from the environment, never from flags)")
+    g.add_argument(
+        "--s3-endpoint-url",
+        metavar="URL",
+        help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL)",
+    )
+    g.add_argument("--s3-region", metavar="REGION", help="(default: $AWS_REGION)")
+    g.add_argument(
+        "--storage-option",
+        action="append",
+        default=[],
+        metavar="PROTO.KEY=JSON",
+        help="extra fsspec option, e.g. s3.requester_pays=true (repeatable)",
+    )
+    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raycaption",
+        description="Caption millions of images on a Ray cluster: images in object storage in, "
+        "Parquet tables of captions and errors out.",
+        epilog="Exit codes: 0 success, 1 the run failed, 2 bad configuration or input.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    cap = sub.add_parser(
+        "caption",
+        help="caption images into Parquet tables",
+        description="Caption every image under --input into --output/captions/ "
+        "and --output/errors/, and write --output/summary.json.",
+    )
+    _add_caption_options(cap)
+    demo = sub.add_parser(
+        "demo",
+        help="caption the bundled sample images with the bundled model",
+        description="Run the whole pipeline on a local Ray instance over the "
+        "sample images shipped with raycaption, using a bundled model that needs "
+        "no network, and print a few captions.",
+    )
+    _add_caption_options(demo, demo=True)
+    demo.add_argument("--show", type=int, default=6, metavar="N", help="captions to print")
+    return parser
+
+
+def bundled(name: str) -> Path:
+    """Path of a folder shipped inside the package (demo model, sample images)."""
+    return Path(str(resources.files("raycaption") / "data" / name))
+
+
+def _parse_kv(items: list[str], flag: str) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{flag} takes KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def config_from_args(args: argparse.Namespace) -> CaptionConfig:
+    options: dict[str, dict] = {}
+    for key, value in _parse_kv(args.storage_option, "--storage-option").items():
+        proto, sep, name = key.partition(".")
+        if not sep:
+            raise ConfigError(f"--storage-option key must be PROTO.KEY, got {key!r}")
+        options.setdefault(proto, {})[name] = value
+    inp = InputConfig(
+        uri=args.input,
+        manifest=getattr(args, "manifest", None),
+        uri_column=getattr(args, "uri_column", None),
+        extensions=tuple(e.strip().lstrip(".") for e in args.extensions.split(",") if e.strip()),
+        glob=getattr(args, "glob", None),
+        limit=args.limit,
+    )
+    model = ModelConfig(
+        name=args.model,
+        revision=args.revision,
+        trust_remote_code=args.trust_remote_code,
+        dtype=args.dtype,
+        prompt=args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        min_new_tokens=args.min_new_tokens,
+        num_beams=args.num_beams,
+        generate_kwargs=_parse_kv(args.generate_kwarg, "--generate-kwarg"),
+    )
+    compute = ComputeConfig(
+        ray_address=args.ray_address,
+        batch_size=args.batch_size,
+        concurrency=parse_concurrency(args.concurrency) if args.concurrency else _C.concurrency,
+        num_gpus=args.num_gpus,
+        num_cpus=args.num_cpus,
+        decode_batch_size=args.decode_batch_size,
+        max_image_bytes=args.max_image_bytes,
+        max_image_pixels=args.max_image_pixels,
+        read_retries=args.read_retries,
+    )
+    store = StorageConfig(endpoint_url=args.s3_endpoint_url, region=args.s3_region, options=options)
+    cfg = CaptionConfig(input=inp, output=args.output, model=model, storage=store, compute=compute)
+    if args.run_id:
+        cfg.run_id = args.run_id
+    return cfg
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("raycaption").setLevel(level)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.log_level)
+    if args.command == "demo":
+        args.input = str(bundled("samples"))
+        args.extensions = ",".join(DEFAULT_EXTENSIONS)
+    try:
+        cfg = config_from_args(args)
+        from raycaption.pipeline import run_caption
+
+        summary = run_caption(cfg)
+    except ConfigError as exc:
+        print(f"raycaption: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except Exception as exc:
+        logger.exception("run failed")
+        print(f"raycaption: run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(
+        f"run {summary.run_id}: {summary.captioned} captioned, {summary.errors} errors "
+        f"of {summary.inputs} inputs in {summary.seconds:.1f}s "
+        f"({summary.images_per_second:.1f} images/s)"
+    )
+    if summary.errors_by_code:
+        print(
+            "errors by code: "
+            + ", ".join(f"{k}={v}" for k, v in sorted(summary.errors_by_code.items()))
+        )
+    print(
+        f"output: {summary.output}/captions/, {summary.output}/errors/, {summary.output}/summary.json"
+    )
+    if args.command == "demo":
+        _print_demo_captions(cfg.output, summary.run_id, args.show)
+    return EXIT_OK
+
+
+def _print_demo_captions(output: str, run_id: str, n: int) -> None:
+    import pyarrow.dataset as pads
+
+    truth_file = bundled("samples") / "captions.csv"
+    truth = {}
+    if truth_file.exists():
+        with truth_file.open() as f:
+            truth = {row["filename"]: row["caption"] for row in csv.DictReader(f)}
+    table = pads.dataset(str(Path(output) / "captions"), format="parquet").to_table(
+        columns=["source_uri", "caption"], filter=pads.field("run_id") == run_id
+    )
+    uris, captions = table.column("source_uri").to_pylist(), table.column("caption").to_pylist()
+    rows = sorted(zip(uris, captions, strict=True))
+    print(f"\n{'image':<14} {'caption':<40} expected")
+    for uri, caption in rows[:n]:
+        name = Path(uri).name
+        print(f"{name:<14} {caption:<40} {truth.get(name, '')}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

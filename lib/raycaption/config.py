@@ -1,0 +1,261 @@
+"""Typed, validated configuration: the only place defaults live.
+
+The CLI, the job entrypoints and the tests all build a :class:`CaptionConfig`; nothing else
+invents a default. ``validate()`` checks everything that can be checked without touching
+storage or models, and names every problem at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from raycaption.errors import ConfigError
+
+DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
+MANIFEST_SUFFIXES = {
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".csv": "csv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+}
+# Column names tried, in order, when a manifest does not name its URI column.
+URI_COLUMN_CANDIDATES = ("uri", "url", "image_uri", "image_url", "source_uri", "path")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+# Columns the pipeline owns; a manifest column of the same name would be ambiguous.
+RESERVED_COLUMNS = frozenset(
+    {
+        "image_id",
+        "source_uri",
+        "caption",
+        "width",
+        "height",
+        "model",
+        "run_id",
+        "stage",
+        "error_code",
+        "error_message",
+    }
+)
+
+
+def new_run_id() -> str:
+    """A sortable, unique run id: UTC timestamp plus a random suffix."""
+    now = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"{now}-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class InputConfig:
+    """Where the images come from.
+
+    Attributes:
+        uri: A folder/prefix URL (``s3://bucket/images/``, ``/data/images``) or a manifest file
+            (``.parquet``, ``.csv``, ``.jsonl``).
+        manifest: Force (True) or forbid (False) manifest mode; None decides by file suffix.
+        uri_column: The manifest column holding image URIs; None tries ``URI_COLUMN_CANDIDATES``.
+        extensions: File extensions kept when listing a prefix (case-insensitive).
+        glob: Optional fnmatch pattern on the path relative to the prefix (``*`` crosses ``/``).
+        limit: Stop after this many inputs (trial runs).
+    """
+
+    uri: str = ""
+    manifest: bool | None = None
+    uri_column: str | None = None
+    extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
+    glob: str | None = None
+    limit: int | None = None
+
+
+@dataclass
+class StorageConfig:
+    """How to reach object storage. Credentials never live here: they come from the
+    environment (AWS_ACCESS_KEY_ID, AWS_PROFILE, an instance role, ...) of every process.
+
+    Attributes:
+        endpoint_url: S3-compatible endpoint; None falls back to AWS_ENDPOINT_URL(_S3).
+        region: S3 region; None falls back to AWS_REGION / AWS_DEFAULT_REGION.
+        options: Extra fsspec storage options, keyed by protocol (``{"s3": {...}}``).
+    """
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    """Which captioning model and how to generate.
+
+    Attributes:
+        name: Hub id (``microsoft/git-base-coco``) or a save_pretrained folder, local or on
+            object storage.
+        revision: Hub revision (branch, tag or commit).
+        trust_remote_code: Off unless the user turns it on.
+        dtype: ``auto`` = bfloat16 (or float16) on GPU, float32 on CPU.
+        prompt: Optional prompt template; ``{column}`` fields come from manifest columns.
+        max_new_tokens: Caption length limit.
+        min_new_tokens: Forces a minimum length (benchmarks force equal work with it).
+        num_beams: 1 = greedy.
+        generate_kwargs: Any other ``generate()`` keyword arguments.
+    """
+
+    name: str = ""
+    revision: str | None = None
+    trust_remote_code: bool = False
+    dtype: str = "auto"
+    prompt: str | None = None
+    max_new_tokens: int = 30
+    min_new_tokens: int | None = None
+    num_beams: int = 1
+    generate_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def generation_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``model.generate``."""
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens,
+            "num_beams": self.num_beams,
+        }
+        if self.min_new_tokens is not None:
+            kwargs["min_new_tokens"] = self.min_new_tokens
+        kwargs.update(self.generate_kwargs)
+        return kwargs
+
+
+@dataclass
+class ComputeConfig:
+    """Ray resources and batch sizes.
+
+    Attributes:
+        ray_address: None starts (or joins, under ``ray job submit``) Ray automatically.
+        batch_size: Images per model call.
+        concurrency: Caption actors: fixed ``(n, n)`` or autoscaling ``(min, max)``.
+        num_gpus: GPUs per caption actor (fractions allowed); None = 1 if the cluster has
+            GPUs, else 0.
+        num_cpus: CPUs reserved per caption actor.
+        decode_batch_size: Images per read/decode task.
+        max_image_bytes: Larger objects become ``file_too_large`` error rows unread.
+        max_image_pixels: Larger images become ``decompression_bomb`` error rows undecoded.
+        listing_shard_rows: Rows per listing shard written by the driver (bounds its memory).
+        read_retries: Attempts per object for transient storage errors.
+    """
+
+    ray_address: str | None = None
+    batch_size: int = 16
+    concurrency: tuple[int, int] = (1, 1)
+    num_gpus: float | None = None
+    num_cpus: float = 1.0
+    decode_batch_size: int = 32
+    max_image_bytes: int = 256 * 1024 * 1024
+    max_image_pixels: int = 100_000_000
+    listing_shard_rows: int = 100_000
+    read_retries: int = 3
+
+
+@dataclass
+class CaptionConfig:
+    """Everything one caption run needs."""
+
+    input: InputConfig = field(default_factory=InputConfig)
+    output: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+    run_id: str = field(default_factory=new_run_id)
+
+    def validate(self) -> CaptionConfig:
+        """Check every option that needs no I/O; raise one ConfigError naming all problems."""
+        problems = []
+        if not self.input.uri:
+            problems.append("--input is required")
+        if not self.output:
+            problems.append("--output is required")
+        if self.input.uri and self.output and _same_place(self.input.uri, self.output):
+            problems.append("--output must not be the --input folder")
+        if not self.model.name:
+            problems.append("--model is required")
+        if self.model.dtype not in DTYPES:
+            problems.append(f"--dtype must be one of {', '.join(DTYPES)}, got {self.model.dtype!r}")
+        if self.model.max_new_tokens < 1:
+            problems.append("--max-new-tokens must be >= 1")
+        if self.model.min_new_tokens is not None and not (
+            0 <= self.model.min_new_tokens <= self.model.max_new_tokens
+        ):
+            problems.append("--min-new-tokens must be between 0 and --max-new-tokens")
+        if self.model.num_beams < 1:
+            problems.append("--num-beams must be >= 1")
+        c = self.compute
+        if c.batch_size < 1:
+            problems.append("--batch-size must be >= 1")
+        if c.decode_batch_size < 1:
+            problems.append("--decode-batch-size must be >= 1")
+        lo, hi = c.concurrency
+        if lo < 1 or hi < lo:
+            problems.append(
+                f"--concurrency must be N or MIN,MAX with 1 <= MIN <= MAX, got {lo},{hi}"
+            )
+        if c.num_gpus is not None and c.num_gpus < 0:
+            problems.append("--num-gpus must be >= 0")
+        if c.num_gpus is not None and c.num_gpus > 1 and c.num_gpus != int(c.num_gpus):
+            problems.append("--num-gpus above 1 must be a whole number")
+        if c.num_cpus < 0:
+            problems.append("--num-cpus must be >= 0")
+        if c.max_image_bytes < 1 or c.max_image_pixels < 1:
+            problems.append("--max-image-bytes and --max-image-pixels must be >= 1")
+        if c.listing_shard_rows < 1:
+            problems.append("listing_shard_rows must be >= 1")
+        if c.read_retries < 1:
+            problems.append("--read-retries must be >= 1")
+        if self.input.limit is not None and self.input.limit < 1:
+            problems.append("--limit must be >= 1")
+        if not self.input.extensions:
+            problems.append("--extensions must name at least one extension")
+        if self.model.prompt is not None:
+            problems.extend(_check_prompt(self.model.prompt))
+        if problems:
+            raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly copy for the run summary (holds no credentials by construction)."""
+        return dataclasses.asdict(self)
+
+
+def prompt_fields(template: str) -> list[str]:
+    """The ``{field}`` names a prompt template uses."""
+    import string
+
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+def _check_prompt(template: str) -> list[str]:
+    try:
+        names = prompt_fields(template)
+    except ValueError as exc:
+        return [f"--prompt is not a valid template ({exc}); write literal braces as {{{{ }}}}"]
+    bad = [n for n in names if not n.isidentifier()]
+    if bad:
+        return [f"--prompt fields must be plain column names, got {bad}"]
+    return []
+
+
+def parse_concurrency(text: str) -> tuple[int, int]:
+    """``"4"`` -> (4, 4); ``"1,8"`` -> (1, 8)."""
+    try:
+        parts = [int(p) for p in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--concurrency must be N or MIN,MAX, got {text!r}") from None
+    if len(parts) == 1:
+        return parts[0], parts[0]
+    if len(parts) == 2:
+        return parts[0], parts[1]
+    raise ConfigError(f"--concurrency must be N or MIN,MAX, got {text!r}")
+
+
+def _same_place(a: str, b: str) -> bool:
+    return a.rstrip("/") == b.rstrip("/")

@@ -1,0 +1,183 @@
+"""Ray Data stages: the only code that knows the batch format.
+
+Batches are Arrow tables. Every row carries three status columns, ``stage``, ``error_code``
+and ``error_message``, null while the row is healthy. A stage that fails on a row fills them
+in and later stages pass the row through untouched, so each input reaches the sink exactly
+once, as a caption or as an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pyarrow as pa
+
+from raycaption import storage
+from raycaption.config import ModelConfig, StorageConfig, prompt_fields
+from raycaption.errors import RecordError
+from raycaption.images import DecodeLimits, ResizeSpec, decode_image
+from raycaption.models import ModelInfo, load_captioner
+
+logger = logging.getLogger(__name__)
+
+STATUS_COLUMNS = ("stage", "error_code", "error_message")
+_READ_THREADS = 16
+
+
+def _status(table: pa.Table) -> tuple[list, list, list]:
+    if "stage" not in table.column_names:
+        errors = table.column("input_error").to_pylist()
+        stage = ["input" if e else None for e in errors]
+        code = ["invalid_uri" if e else None for e in errors]
+        return stage, code, errors
+    return tuple(table.column(c).to_pylist() for c in STATUS_COLUMNS)  # type: ignore[return-value]
+
+
+def _with_status(table: pa.Table, stage: list, code: list, message: list) -> pa.Table:
+    for name, values in zip(STATUS_COLUMNS, (stage, code, message), strict=True):
+        arr = pa.array(values, pa.string())
+        if name in table.column_names:
+            table = table.set_column(table.column_names.index(name), name, arr)
+        else:
+            table = table.append_column(name, arr)
+    return table
+
+
+def read_batch(
+    table: pa.Table, storage_cfg: StorageConfig, max_bytes: int, retries: int
+) -> pa.Table:
+    """Fetch each object's bytes (threads overlap storage latency); failures -> error rows."""
+    stage, code, message = _status(table)
+    uris = table.column("source_uri").to_pylist()
+    sizes = table.column("input_size").to_pylist()
+    todo = [i for i in range(len(uris)) if stage[i] is None]
+    data: list[bytes | None] = [None] * len(uris)
+
+    def fetch(i: int) -> None:
+        try:
+            data[i] = storage.read_bytes(uris[i], storage_cfg, max_bytes, sizes[i], retries)
+        except RecordError as err:
+            stage[i], code[i], message[i] = "read", err.code, err.message
+        except Exception as exc:  # noqa: BLE001 - one record's boundary
+            stage[i], code[i], message[i] = "read", "read_failed", storage.redact_text(repr(exc))
+
+    if len(todo) > 1:
+        with ThreadPoolExecutor(min(_READ_THREADS, len(todo))) as pool:
+            list(pool.map(fetch, todo))
+    else:
+        for i in todo:
+            fetch(i)
+    table = table.append_column("data", pa.array(data, pa.large_binary()))
+    return _with_status(table, stage, code, message)
+
+
+def decode_batch(table: pa.Table, spec: ResizeSpec, limits: DecodeLimits) -> pa.Table:
+    """Decode and resize each image to the model's geometry; bytes are dropped afterwards."""
+    stage, code, message = _status(table)
+    n = table.num_rows
+    pixels = np.zeros((n, *spec.shape), dtype=np.uint8)
+    width: list[int | None] = [None] * n
+    height: list[int | None] = [None] * n
+    blobs = table.column("data")
+    for i in range(n):
+        if stage[i] is not None:
+            continue
+        try:
+            img = decode_image(blobs[i].as_py() or b"", spec, limits)
+        except RecordError as err:
+            stage[i], code[i], message[i] = "decode", err.code, err.message
+            continue
+        pixels[i] = img.pixels
+        width[i], height[i] = img.width, img.height
+    table = table.drop_columns(["data"])
+    table = table.append_column("width", pa.array(width, pa.int32()))
+    table = table.append_column("height", pa.array(height, pa.int32()))
+    table = table.append_column("pixels", pixels_to_arrow(pixels))
+    return _with_status(table, stage, code, message)
+
+
+def pixels_to_arrow(pixels: np.ndarray) -> pa.Array:
+    """(N, H, W, 3) uint8 -> fixed-size binary: compact, no tensor extension type needed."""
+    width = int(np.prod(pixels.shape[1:]))
+    buf = pa.py_buffer(np.ascontiguousarray(pixels).tobytes())
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), len(pixels), [None, buf])
+
+
+def pixels_from_arrow(column: pa.ChunkedArray | pa.Array, shape: tuple[int, ...]) -> np.ndarray:
+    """Inverse of :func:`pixels_to_arrow` (zero-copy when the column is one chunk)."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    width = int(np.prod(shape))
+    flat = np.frombuffer(
+        arr.buffers()[1], dtype=np.uint8, count=len(arr) * width, offset=arr.offset * width
+    )
+    return flat.reshape((len(arr), *shape))
+
+
+class CaptionActor:
+    """Caption stage: loads the model once per actor, then captions batches.
+
+    A failing model call is retried on halves of the batch, so one bad image costs one error
+    row (``model_error``) and never the rest of its batch.
+    """
+
+    def __init__(self, info: ModelInfo, model_cfg: ModelConfig, storage_cfg: StorageConfig):
+        started = time.perf_counter()
+        self.info = info
+        self.captioner = load_captioner(info, model_cfg, storage_cfg)
+        self.prompt = model_cfg.prompt
+        self.prompt_fields = prompt_fields(self.prompt) if self.prompt else []
+        logger.info("caption actor ready in %.1fs", time.perf_counter() - started)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        stage, code, message = _status(table)
+        captions: list[str | None] = [None] * table.num_rows
+        todo = [i for i in range(table.num_rows) if stage[i] is None]
+        if todo:
+            pixels = pixels_from_arrow(table.column("pixels"), self.info.resize_spec.shape)
+            prompts = self._prompts(table) if self.prompt else None
+            self._caption(todo, pixels, prompts, captions, stage, code, message)
+        table = table.drop_columns(["pixels"])
+        table = table.append_column("caption", pa.array(captions, pa.string()))
+        return _with_status(table, stage, code, message)
+
+    def _prompts(self, table: pa.Table) -> list[str]:
+        cols = {f: table.column(f).to_pylist() for f in self.prompt_fields}
+        return [
+            self.prompt.format(**{f: ("" if v[i] is None else v[i]) for f, v in cols.items()})
+            for i in range(table.num_rows)
+        ]
+
+    def _caption(self, idx, pixels, prompts, captions, stage, code, message) -> None:
+        try:
+            texts = self.captioner.caption(
+                pixels[idx], [prompts[i] for i in idx] if prompts else None
+            )
+            if len(texts) != len(idx):
+                raise RuntimeError(f"model returned {len(texts)} captions for {len(idx)} images")
+        except Exception as exc:  # noqa: BLE001 - the model call is a record boundary
+            _free_accelerator_memory()
+            if len(idx) > 1:
+                half = len(idx) // 2
+                self._caption(idx[:half], pixels, prompts, captions, stage, code, message)
+                self._caption(idx[half:], pixels, prompts, captions, stage, code, message)
+                return
+            i = idx[0]
+            stage[i], code[i] = "caption", "model_error"
+            message[i] = storage.redact_text(f"{type(exc).__name__}: {exc}")[:500]
+            logger.warning("model call failed for one image: %s", message[i])
+            return
+        for i, text in zip(idx, texts, strict=True):
+            captions[i] = text
+
+
+def _free_accelerator_memory() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001 - best effort only
+        pass
