@@ -4,7 +4,7 @@ The driver streams the listing straight into shards under the run folder, so mil
 keys never sit in its memory at once; Ray Data then reads the shards in parallel. The
 shards are also the run's record of exactly which inputs it saw.
 
-Listing schema: ``image_id, source_uri, input_size, input_error`` plus every extra manifest
+Listing schema: ``image_id, source_uri, input_size, input_error, fetch_uri`` plus every extra manifest
 column (a manifest column whose name the pipeline owns is renamed ``input_<name>``).
 """
 
@@ -40,6 +40,9 @@ BASE_FIELDS = [
     pa.field("source_uri", pa.string()),
     pa.field("input_size", pa.int64()),
     pa.field("input_error", pa.string()),
+    # The URI as given when it differs from source_uri (signed URLs, user:password@): needed
+    # to fetch it, so it stays in the listing shards only, never in the output tables.
+    pa.field("fetch_uri", pa.string()),
 ]
 _ROWS_PER_WRITE = 10_000
 
@@ -144,10 +147,14 @@ class _Source:
             uris = batch.column(self.uri_column).to_pylist()
             resolved = [_resolve(u, base) for u in uris]
             extras = batch.drop_columns([self.uri_column]).rename_columns(self.extra_schema.names)
-            table = pa.Table.from_batches([extras]).cast(self.extra_schema)
-            table = table.add_column(
-                0, "source_uri", pa.array([r[0] for r in resolved], pa.string())
-            )
+            table = pa.Table.from_batches([extras])
+            if self.extra_schema.names:  # casting a column-less table drops its rows
+                table = table.cast(self.extra_schema)
+            given = [r[0] for r in resolved]
+            shown = [storage.redact(u) if u else u for u in given]
+            fetch = [g if g != s else None for g, s in zip(given, shown, strict=True)]
+            table = table.add_column(0, "source_uri", pa.array(shown, pa.string()))
+            table = table.append_column("fetch_uri", pa.array(fetch, pa.string()))
             table = table.add_column(1, "input_size", pa.nulls(len(resolved), pa.int64()))
             table = table.add_column(
                 2, "input_error", pa.array([r[1] for r in resolved], pa.string())
@@ -184,6 +191,7 @@ def _prefix_table(uris: list[str], sizes: list[int | None]) -> pa.Table:
             "source_uri": pa.array(uris, pa.string()),
             "input_size": pa.array(sizes, pa.int64()),
             "input_error": pa.nulls(len(uris), pa.string()),
+            "fetch_uri": pa.nulls(len(uris), pa.string()),
         }
     )
 

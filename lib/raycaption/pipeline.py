@@ -182,14 +182,26 @@ def _ensure_ray(cfg: CaptionConfig) -> None:
         return
     runtime_env: dict[str, Any] = {}
     pkg_dir = os.path.dirname(os.path.abspath(raycaption.__file__))
-    if not _installed_in_site_packages(pkg_dir):
-        # Running from a source tree (ray job submit --working-dir .): ship the package.
+    if not _installed_in_site_packages(pkg_dir) and not _job_sets_py_modules():
+        # Running from a source tree (ray job submit --working-dir .): ship the package so
+        # workers import the same code as the driver. Ray merges this with the job's env.
         runtime_env["py_modules"] = [pkg_dir]
     ray.init(address=cfg.compute.ray_address, runtime_env=runtime_env or None)
 
 
 def _installed_in_site_packages(pkg_dir: str) -> bool:
     return "site-packages" in pkg_dir or "dist-packages" in pkg_dir
+
+
+def _job_sets_py_modules() -> bool:
+    """A submitted job that already names py_modules would conflict with ours."""
+    job = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not job:
+        return False
+    try:
+        return bool(json.loads(job).get("runtime_env", {}).get("py_modules"))
+    except (ValueError, AttributeError):
+        return False
 
 
 def _save_summary(cfg: CaptionConfig, run_dir: str, summary: RunSummary) -> None:

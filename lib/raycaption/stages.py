@@ -51,7 +51,9 @@ def read_batch(
 ) -> pa.Table:
     """Fetch each object's bytes (threads overlap storage latency); failures -> error rows."""
     stage, code, message = _status(table)
-    uris = table.column("source_uri").to_pylist()
+    shown = table.column("source_uri").to_pylist()
+    fetch = table.column("fetch_uri").to_pylist()
+    uris = [f or u for f, u in zip(fetch, shown, strict=True)]
     sizes = table.column("input_size").to_pylist()
     todo = [i for i in range(len(uris)) if stage[i] is None]
     data: list[bytes | None] = [None] * len(uris)

@@ -168,6 +168,11 @@ def manifest_run(gpu_cluster, tiny_models, http_images, tmp_path_factory):
         {"uri": "", "title": "no uri", "sku": 6},
         {"uri": "nope://bucket/x.jpg", "title": "bad protocol", "sku": 7},
         {"uri": "imgs/a.jpg", "title": "red chair again", "sku": 8},
+        {
+            "uri": f"{http_images}/remote.jpg?v=2&X-Amz-Signature=s3cr3t-sig",
+            "title": "signed",
+            "sku": 9,
+        },
     ]
     manifest = root / "manifest.jsonl"
     manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -196,6 +201,7 @@ def test_manifest_rows_extras_http_and_prompt(manifest_run):
         str(root / "imgs" / "a.jpg"),
         str(root / "imgs" / "b.png"),
         f"{http_base}/remote.jpg",
+        f"{http_base}/remote.jpg?v=2",  # fetched with its signature, stored without it
     }
     # Extra manifest columns ride along with their types; the duplicate row was skipped.
     assert captions.schema.field("sku").type == pa.int64()
@@ -214,7 +220,11 @@ def test_manifest_rows_extras_http_and_prompt(manifest_run):
         "": "invalid_uri",
         "nope://bucket/x.jpg": "invalid_uri",
     }
-    assert summary.inputs == 7 and summary.captioned == 3 and summary.errors == 4
+    assert summary.inputs == 8 and summary.captioned == 4 and summary.errors == 4
+    for table in ("captions", "errors"):
+        for f in (out / table).iterdir():
+            assert b"s3cr3t-sig" not in f.read_bytes()
+    assert "s3cr3t-sig" not in (out / "summary.json").read_text()
     # The prompt is not echoed into the stored caption.
     assert not any(c.lower().startswith("question") for c in captions.column("caption").to_pylist())
 
