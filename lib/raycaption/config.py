@@ -234,8 +234,11 @@ def prompt_fields(template: str) -> list[str]:
 
 
 def _check_prompt(template: str) -> list[str]:
+    import string
+
     try:
-        names = prompt_fields(template)
+        # Keep empty names: "{}" is positional and cannot be filled from columns.
+        names = [n for _, n, _, _ in string.Formatter().parse(template) if n is not None]
     except ValueError as exc:
         return [f"--prompt is not a valid template ({exc}); write literal braces as {{{{ }}}}"]
     bad = [n for n in names if not n.isidentifier()]

@@ -95,6 +95,9 @@ def _secret_keys(opts: Any) -> set[str]:
             if str(k).lower() in SECRET_OPTION_NAMES:
                 found.add(str(k))
             found |= _secret_keys(v)
+    elif isinstance(opts, (list, tuple)):
+        for v in opts:
+            found |= _secret_keys(v)
     return found
 
 
@@ -157,13 +160,16 @@ def redact(url: str) -> str:
     """Drop user info and signed-URL query parameters: safe to log and to store."""
     try:
         parts = urllib.parse.urlsplit(url)
+        port = parts.port  # raises on a non-numeric port
     except ValueError:
-        return url
+        return redact_text(url)
     if not parts.scheme or parts.scheme == "file":
         return url
     netloc = parts.hostname or ""
-    if parts.port:
-        netloc = f"{netloc}:{parts.port}"
+    if ":" in netloc:  # IPv6 literal
+        netloc = f"[{netloc}]"
+    if port:
+        netloc = f"{netloc}:{port}"
     query = [
         (k, v)
         for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)

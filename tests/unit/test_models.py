@@ -56,7 +56,7 @@ def test_unsupported_model_type_is_named():
 
 
 def test_folder_without_config_and_unknown_hub_id(tmp_path):
-    with pytest.raises(ConfigError, match="no config.json"):
+    with pytest.raises(ConfigError, match=r"no config\.json"):
         inspect_model(ModelConfig(name=str(tmp_path)), STORE)
     with pytest.raises(ConfigError, match="neither an existing folder nor a hub id"):
         inspect_model(ModelConfig(name=str(tmp_path / "missing" / "model")), STORE)
