@@ -84,7 +84,7 @@ def resolve_storage(cfg: StorageConfig) -> StorageConfig:
     )
     region = cfg.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if endpoint and not urllib.parse.urlparse(endpoint).scheme.startswith("http"):
-        raise ConfigError(f"S3 endpoint must be an http(s) URL, got {endpoint!r}")
+        raise ConfigError(f"S3 endpoint must be an http(s) URL, got {redact(endpoint)!r}")
     return StorageConfig(endpoint_url=endpoint, region=region, options=cfg.options)
 
 

@@ -314,3 +314,32 @@ def test_empty_prefix_is_a_successful_noop(gpu_cluster, tiny_models, tmp_path):
         "source_uri",
         "stage",
     ]
+
+
+def test_storage_settings_from_config_reach_the_workers(gpu_cluster, s3):
+    """The workers' own environment points at a dead endpoint; the endpoint given in the
+    config (resolved on the driver) is the one the read stage uses on the worker."""
+    import ray
+
+    from raycaption.config import StorageConfig
+    from raycaption.stages import read_batch
+
+    fs = s3.fs()
+    key = f"{s3.bucket}/settings/one.jpg"
+    fs.pipe(key, b"\xff\xd8payload")
+    table = pa.table(
+        {
+            "source_uri": [f"s3://{key}"],
+            "input_size": pa.array([None], pa.int64()),
+            "input_error": pa.array([None], pa.string()),
+            "fetch_uri": pa.array([None], pa.string()),
+        }
+    )
+    dead = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9"}
+    remote_read = ray.remote(read_batch).options(runtime_env={"env_vars": dead})
+    good = ray.get(remote_read.remote(table, StorageConfig(endpoint_url=s3.url), 1024, 1))
+    assert good.column("data").to_pylist() == [b"\xff\xd8payload"]
+    assert good.column("stage").to_pylist() == [None]
+    # Control: without the config value the worker's dead endpoint is used, and fails.
+    bad = ray.get(remote_read.remote(table, StorageConfig(), 1024, 1))
+    assert bad.column("error_code").to_pylist() == ["read_failed"]

@@ -49,6 +49,7 @@ def is_remote_folder(name: str) -> bool:
 
 def inspect_model(cfg: ModelConfig, storage_cfg: StorageConfig) -> ModelInfo:
     """Resolve the model reference and its family without loading weights."""
+    _require_transformers_5()
     name = cfg.name
     remote = is_remote_folder(name)
     if remote:
@@ -65,6 +66,14 @@ def inspect_model(cfg: ModelConfig, storage_cfg: StorageConfig) -> ModelInfo:
     if local.startswith(("/", ".", "~")) or os.sep in local.strip("/").replace("/", "", 1):
         raise ConfigError(f"model {name!r} is neither an existing folder nor a hub id")
     return _inspect_local(cfg, local, remote=False)
+
+
+def _require_transformers_5() -> None:
+    import transformers
+
+    # transformers 4.x re-encodes GIT's image at every generated token.
+    if int(transformers.__version__.split(".")[0]) < 5:
+        raise ConfigError(f"raycaption needs transformers >= 5, found {transformers.__version__}")
 
 
 def _inspect_local(cfg: ModelConfig, ref: str, remote: bool) -> ModelInfo:
