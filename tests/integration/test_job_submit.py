@@ -27,6 +27,8 @@ def head_node(tmp_path_factory):
     token.write_text(secrets.token_hex(32))
     env = {
         **os.environ,
+        # The job's `python` must be this environment's interpreter, activated or not.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str(token),
         "RAY_USAGE_STATS_ENABLED": "0",
