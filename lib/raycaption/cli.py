@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
         "no network, and print a few captions.",
     )
     _add_caption_options(demo, demo=True)
-    demo.add_argument("--show", type=int, default=6, metavar="N", help="captions to print")
+    demo.add_argument("--show", type=int, default=12, metavar="N", help="captions to print (default: %(default)s)")
     return parser
 
 
@@ -295,6 +295,7 @@ def config_from_args(args: argparse.Namespace) -> CaptionConfig:
     cfg = CaptionConfig(input=inp, output=args.output, model=model, storage=store, compute=compute)
     if args.run_id:
         cfg.run_id = args.run_id
+    cfg.compute.quiet = args.command == "demo"
     return cfg
 
 

@@ -143,6 +143,7 @@ class ComputeConfig:
         max_image_pixels: Larger images become ``decompression_bomb`` error rows undecoded.
         listing_shard_rows: Rows per listing shard written by the driver (bounds its memory).
         read_retries: Attempts per object for transient storage errors.
+        quiet: Hide Ray's own progress and worker logs (the demo sets it).
     """
 
     ray_address: str | None = None
@@ -155,6 +156,7 @@ class ComputeConfig:
     max_image_pixels: int = 100_000_000
     listing_shard_rows: int = 100_000
     read_retries: int = 3
+    quiet: bool = False
 
 
 @dataclass

@@ -186,7 +186,13 @@ def _ensure_ray(cfg: CaptionConfig) -> None:
         # Running from a source tree (ray job submit --working-dir .): ship the package so
         # workers import the same code as the driver. Ray merges this with the job's env.
         runtime_env["py_modules"] = [pkg_dir]
-    ray.init(address=cfg.compute.ray_address, runtime_env=runtime_env or None)
+    quiet = {"logging_level": logging.WARNING, "log_to_driver": False} if cfg.compute.quiet else {}
+    ray.init(address=cfg.compute.ray_address, runtime_env=runtime_env or None, **quiet)
+    if cfg.compute.quiet:
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def _installed_in_site_packages(pkg_dir: str) -> bool:

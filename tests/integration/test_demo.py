@@ -1,0 +1,45 @@
+"""`raycaption demo` (what `make demo` runs) on a fresh local Ray instance: bundled images,
+bundled model, no network; prints captions a person can check and leaves both tables."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from raycaption.cli import bundled
+
+pytestmark = pytest.mark.integration
+
+
+def test_demo_prints_mostly_correct_captions_and_writes_tables(tmp_path):
+    raycaption = Path(sys.executable).with_name("raycaption")
+    # A fresh local Ray instance, as on a user's machine: no cluster address inherited.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["HF_HUB_OFFLINE"] = "1"
+    proc = subprocess.run(
+        [str(raycaption), "demo", "--output", str(tmp_path / "out"), "--show", "12"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    with (bundled("samples") / "captions.csv").open() as f:
+        truth = {row["filename"]: row["caption"] for row in csv.DictReader(f)}
+    table = pq.read_table(tmp_path / "out" / "captions").to_pylist()
+    assert len(table) == len(truth)
+    assert pq.read_table(tmp_path / "out" / "errors").num_rows == 0
+    got = {Path(r["source_uri"]).name: r["caption"] for r in table}
+    right = sum(got[name] == caption for name, caption in truth.items())
+    assert right >= len(truth) - 2, f"only {right}/{len(truth)} demo captions are right: {got}"
+    # The printed table shows each image with its caption next to the expected one.
+    for name in truth:
+        assert name in proc.stdout
+    assert f"{len(truth)} captioned, 0 errors" in proc.stdout
