@@ -232,7 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
         "no network, and print a few captions.",
     )
     _add_caption_options(demo, demo=True)
-    demo.add_argument("--show", type=int, default=12, metavar="N", help="captions to print (default: %(default)s)")
+    demo.add_argument(
+        "--show", type=int, default=12, metavar="N", help="captions to print (default: %(default)s)"
+    )
     return parser
 
 
