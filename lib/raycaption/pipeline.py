@@ -66,6 +66,16 @@ def prepare(cfg: CaptionConfig) -> tuple[CaptionConfig, ModelInfo]:
     return cfg, info
 
 
+def embedding_spec(cfg: CaptionConfig) -> tuple[str, int] | None:
+    """(model, dimension) of the text embeddings, loading the small model once on the driver
+    to check it and learn its dimension; None when embeddings are off."""
+    if not cfg.embed.text_model:
+        return None
+    from raycaption.models.embedder import TextEmbedder
+
+    return cfg.embed.text_model, TextEmbedder(cfg.embed.text_model).dim
+
+
 def _check_writable(cfg: CaptionConfig) -> None:
     try:
         fs, path = storage.filesystem(cfg.output, cfg.storage)
@@ -80,12 +90,15 @@ def run_caption(cfg: CaptionConfig) -> RunSummary:
     """Run one caption job end to end; raise ConfigError before any work on bad input."""
     started = time.perf_counter()
     cfg, info = prepare(cfg)
+    embedding = embedding_spec(cfg)
     run_dir = storage.join(cfg.output, "_runs", cfg.run_id)
     listing = write_listing(cfg, storage.join(run_dir, "listing"))
     logger.info("model %s (%s); %d inputs", cfg.model.name, info.family, listing.rows)
     from raycaption.sink import CommitDatasink, commit
 
-    sink = CommitDatasink(cfg.output, cfg.run_id, cfg.model.name, listing.extra_schema, cfg.storage)
+    sink = CommitDatasink(
+        cfg.output, cfg.run_id, cfg.model.name, listing.extra_schema, cfg.storage, embedding
+    )
     actors: dict[str, Any] = {}
     if listing.rows:
         actors = _execute(cfg, info, sink, listing)
@@ -167,7 +180,12 @@ def _execute(cfg: CaptionConfig, info: ModelInfo, sink, listing: ListingReport) 
         compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
         num_gpus=num_gpus,
         num_cpus=c.num_cpus,
-        fn_constructor_kwargs={"info": info, "model_cfg": cfg.model, "storage_cfg": cfg.storage},
+        fn_constructor_kwargs={
+            "info": info,
+            "model_cfg": cfg.model,
+            "storage_cfg": cfg.storage,
+            "embed_cfg": cfg.embed,
+        },
     )
     ds.write_datasink(sink)
     if sink.committed is None:

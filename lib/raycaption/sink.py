@@ -46,9 +46,19 @@ ERROR_FIELDS = [
 ERROR_SCHEMA = pa.schema(ERROR_FIELDS)
 
 
-def caption_schema(extra: pa.Schema) -> pa.Schema:
-    """Fixed caption columns, then the manifest's own columns in manifest order."""
-    return pa.schema(CAPTION_FIELDS + list(extra))
+def caption_schema(extra: pa.Schema, embedding: tuple[str, int] | None = None) -> pa.Schema:
+    """Fixed caption columns, the embedding when configured, then the manifest's own columns
+    in manifest order. The embedding model and dimension go into the schema metadata."""
+    fields = list(CAPTION_FIELDS)
+    metadata = None
+    if embedding:
+        name, dim = embedding
+        fields.append(pa.field("embedding", pa.list_(pa.float32(), dim)))
+        metadata = {
+            "raycaption.text_embedding_model": name,
+            "raycaption.text_embedding_dim": str(dim),
+        }
+    return pa.schema(fields + list(extra), metadata=metadata)
 
 
 def write_parquet(table: pa.Table, url: str, storage_cfg: StorageConfig) -> None:
@@ -86,11 +96,12 @@ class CommitDatasink(Datasink[WriteOutcome]):
         model: str,
         extra_schema: pa.Schema,
         storage_cfg: StorageConfig,
+        embedding: tuple[str, int] | None = None,
     ):
         self.output = output.rstrip("/")
         self.run_id = run_id
         self.model = model
-        self.schema = caption_schema(extra_schema)
+        self.schema = caption_schema(extra_schema, embedding)
         self.storage_cfg = storage_cfg
         self.staging = storage.join(self.output, "_staging", run_id)
         self.committed: WriteOutcome | None = None

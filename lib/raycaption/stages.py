@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from raycaption import storage
-from raycaption.config import ModelConfig, StorageConfig, prompt_fields
+from raycaption.config import EmbedConfig, ModelConfig, StorageConfig, prompt_fields
 from raycaption.errors import RecordError
 from raycaption.images import DecodeLimits, ResizeSpec, decode_image
 from raycaption.models import ModelInfo, load_captioner
@@ -101,6 +101,14 @@ def decode_batch(table: pa.Table, spec: ResizeSpec, limits: DecodeLimits) -> pa.
     return _with_status(table, stage, code, message)
 
 
+def embeddings_to_arrow(vectors: np.ndarray, valid: np.ndarray) -> pa.Array:
+    """(N, dim) float32 -> fixed_size_list<float32>[dim], null where ``valid`` is False."""
+    dim = vectors.shape[1]
+    values = pa.array(vectors.reshape(-1), pa.float32())
+    mask = pa.array(~valid)
+    return pa.FixedSizeListArray.from_arrays(values, dim, mask=mask)
+
+
 def pixels_to_arrow(pixels: np.ndarray) -> pa.Array:
     """(N, H, W, 3) uint8 -> fixed-size binary: compact, no tensor extension type needed."""
     width = int(np.prod(pixels.shape[1:]))
@@ -119,16 +127,30 @@ def pixels_from_arrow(column: pa.ChunkedArray | pa.Array, shape: tuple[int, ...]
 
 
 class CaptionActor:
-    """Caption stage: loads the model once per actor, then captions batches.
+    """Caption stage: loads the model once per actor, then captions batches; when a text
+    embedding model is configured it also embeds each caption in the same actor (a second,
+    small model beside the captioner rather than another actor pool competing for CPUs).
 
     A failing model call is retried on halves of the batch, so one bad image costs one error
     row (``model_error``) and never the rest of its batch.
     """
 
-    def __init__(self, info: ModelInfo, model_cfg: ModelConfig, storage_cfg: StorageConfig):
+    def __init__(
+        self,
+        info: ModelInfo,
+        model_cfg: ModelConfig,
+        storage_cfg: StorageConfig,
+        embed_cfg: EmbedConfig | None = None,
+    ):
         started = time.perf_counter()
         self.info = info
         self.captioner = load_captioner(info, model_cfg, storage_cfg)
+        self.embed_cfg = embed_cfg if embed_cfg and embed_cfg.text_model else None
+        self.embedder = None
+        if self.embed_cfg:
+            from raycaption.models.embedder import TextEmbedder
+
+            self.embedder = TextEmbedder(self.embed_cfg.text_model)
         self.prompt = model_cfg.prompt
         self.prompt_fields = prompt_fields(self.prompt) if self.prompt else []
         logger.info("caption actor ready in %.1fs", time.perf_counter() - started)
@@ -143,7 +165,25 @@ class CaptionActor:
             self._caption(todo, pixels, prompts, captions, stage, code, message)
         table = table.drop_columns(["pixels"])
         table = table.append_column("caption", pa.array(captions, pa.string()))
+        if self.embedder is not None:
+            table = table.append_column("embedding", self._embed(captions, stage, code, message))
         return _with_status(table, stage, code, message)
+
+    def _embed(self, captions, stage, code, message) -> pa.Array:
+        dim = self.embedder.dim
+        idx = [i for i, c in enumerate(captions) if c is not None and stage[i] is None]
+        vectors = np.zeros((len(captions), dim), dtype=np.float32)
+        valid = np.zeros(len(captions), dtype=bool)
+        try:
+            vectors[idx] = self.embedder.embed(
+                [captions[i] for i in idx], self.embed_cfg.batch_size
+            )
+            valid[idx] = True
+        except Exception as exc:  # noqa: BLE001 - the embedding call is a record boundary
+            text = storage.redact_text(f"{type(exc).__name__}: {exc}")[:500]
+            for i in idx:
+                stage[i], code[i], message[i] = "embed", "embedding_error", text
+        return embeddings_to_arrow(vectors, valid)
 
     def _prompts(self, table: pa.Table) -> list[str]:
         cols = {f: table.column(f).to_pylist() for f in self.prompt_fields}

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -43,3 +44,22 @@ def test_demo_prints_mostly_correct_captions_and_writes_tables(tmp_path):
     for name in truth:
         assert name in proc.stdout
     assert f"{len(truth)} captioned, 0 errors" in proc.stdout
+
+    # Embeddings ride in the same rows; text search finds the image by its caption.
+    schema = pq.read_schema(next((tmp_path / "out" / "captions").glob("*.parquet")))
+    assert schema.field("embedding").type.list_size == 384
+    assert schema.metadata[b"raycaption.text_embedding_model"].endswith(b"all-MiniLM-L6-v2")
+    vectors = np.array([r["embedding"] for r in table], dtype=np.float32)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
+    name, caption = sorted(truth.items())[3]
+    found = subprocess.run(
+        [str(raycaption), "search", "--index", str(tmp_path / "out"), caption, "-k", "3"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert found.returncode == 0, found.stderr[-2000:]
+    first = found.stdout.splitlines()[0].split()
+    assert first[0] == "1" and first[2].endswith(name), found.stdout
+    assert len(found.stdout.splitlines()) == 3

@@ -158,3 +158,22 @@ def test_prompt_template_is_filled_per_row(tiny_models):
     )
     actor(table)
     assert seen == ["what is the red chair?", "what is the ?"]
+
+
+def test_embedding_failure_becomes_error_rows_and_success_gives_unit_vectors(tiny_models):
+    from raycaption.config import EmbedConfig
+
+    cfg = ModelConfig(name=str(tiny_models["git"]), max_new_tokens=3)
+    actor = CaptionActor(inspect_model(cfg, STORE), cfg, STORE, EmbedConfig())
+    out = actor(_batch(np.zeros((3, 32, 32, 3), np.uint8), failed={2: "empty_file"}))
+    vectors = out.column("embedding").to_pylist()
+    assert vectors[2] is None
+    assert [round(float(np.linalg.norm(v)), 4) for v in vectors[:2]] == [1.0, 1.0]
+
+    def broken(texts, batch_size=64):
+        raise RuntimeError("tokenizer exploded")
+
+    actor.embedder.embed = broken
+    rows = actor(_batch(np.zeros((2, 32, 32, 3), np.uint8))).to_pylist()
+    assert [(r["stage"], r["error_code"]) for r in rows] == [("embed", "embedding_error")] * 2
+    assert all(r["embedding"] is None for r in rows)
