@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
+from PIL import Image
 
 from raycaption import storage
 from raycaption.config import EmbedConfig, ModelConfig, StorageConfig, prompt_fields
@@ -78,6 +79,9 @@ def read_batch(
 
 def decode_batch(table: pa.Table, spec: ResizeSpec, limits: DecodeLimits) -> pa.Table:
     """Decode and resize each image to the model's geometry; bytes are dropped afterwards."""
+    # Pillow's own bomb threshold (89.5 MP by default) must follow --max-image-pixels, or
+    # raising the limit would have no effect. Set per worker process, before any open().
+    Image.MAX_IMAGE_PIXELS = limits.max_pixels
     stage, code, message = _status(table)
     n = table.num_rows
     pixels = np.zeros((n, *spec.shape), dtype=np.uint8)

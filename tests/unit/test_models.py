@@ -177,3 +177,36 @@ def test_embedding_failure_becomes_error_rows_and_success_gives_unit_vectors(tin
     rows = actor(_batch(np.zeros((2, 32, 32, 3), np.uint8))).to_pylist()
     assert [(r["stage"], r["error_code"]) for r in rows] == [("embed", "embedding_error")] * 2
     assert all(r["embedding"] is None for r in rows)
+
+
+def test_max_image_pixels_governs_pillows_own_bomb_threshold():
+    """Raising --max-image-pixels above Pillow's built-in threshold must take effect."""
+    import io
+
+    from PIL import Image
+
+    from raycaption.images import DecodeLimits, ResizeSpec
+    from raycaption.stages import decode_batch
+
+    buf = io.BytesIO()
+    Image.new("RGB", (100, 100), "red").save(buf, "PNG")  # 10,000 pixels
+    table = pa.table(
+        {
+            "image_id": ["a"],
+            "source_uri": ["/a.png"],
+            "stage": pa.array([None], pa.string()),
+            "error_code": pa.array([None], pa.string()),
+            "error_message": pa.array([None], pa.string()),
+            "data": pa.array([buf.getvalue()], pa.large_binary()),
+        }
+    )
+    spec = ResizeSpec(mode="exact", height=8, width=8)
+    saved = Image.MAX_IMAGE_PIXELS
+    try:
+        Image.MAX_IMAGE_PIXELS = 1_000  # a Pillow default far below our limit
+        ok = decode_batch(table, spec, DecodeLimits(max_pixels=50_000))
+        assert ok.column("error_code").to_pylist() == [None]
+        refused = decode_batch(table, spec, DecodeLimits(max_pixels=5_000))
+        assert refused.column("error_code").to_pylist() == ["decompression_bomb"]
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
