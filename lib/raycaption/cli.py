@@ -21,6 +21,7 @@ from raycaption.config import (
     InputConfig,
     ModelConfig,
     StorageConfig,
+    TagConfig,
     parse_concurrency,
 )
 from raycaption.errors import ConfigError
@@ -28,7 +29,7 @@ from raycaption.errors import ConfigError
 logger = logging.getLogger("raycaption")
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
-_C, _M, _E = ComputeConfig(), ModelConfig(), EmbedConfig()
+_C, _M, _E, _T = ComputeConfig(), ModelConfig(), EmbedConfig(), TagConfig()
 
 
 def _add_caption_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
@@ -146,6 +147,40 @@ def _add_caption_options(p: argparse.ArgumentParser, demo: bool = False) -> None
         default=_E.batch_size,
         metavar="N",
         help="captions per embedding call (default: %(default)s)",
+    )
+
+    g = p.add_argument_group("tags")
+    g.add_argument("--no-tags", action="store_true", help="skip the tags columns")
+    g.add_argument(
+        "--tag-vocabulary",
+        metavar="URI",
+        help="controlled vocabulary, one keyword a line (file or object storage)",
+    )
+    g.add_argument(
+        "--tag-threshold",
+        type=float,
+        default=_T.threshold,
+        metavar="X",
+        help="cosine similarity at which a keyword becomes a vocabulary word "
+        "(default: %(default)s)",
+    )
+    g.add_argument(
+        "--drop-new-tags",
+        action="store_true",
+        help="drop keywords with no vocabulary match instead of keeping them",
+    )
+    g.add_argument(
+        "--max-tags",
+        type=int,
+        default=_T.max_tags,
+        metavar="N",
+        help="keywords per image (default: %(default)s)",
+    )
+    g.add_argument(
+        "--tag-columns",
+        default="",
+        metavar="LIST",
+        help="manifest columns whose text joins the caption for tagging, e.g. title",
     )
 
     g = p.add_argument_group("compute")
@@ -326,11 +361,26 @@ def config_from_args(args: argparse.Namespace) -> CaptionConfig:
     )
     store = StorageConfig(endpoint_url=args.s3_endpoint_url, region=args.s3_region, options=options)
     embed = EmbedConfig(
-        text_model=None if args.no_embeddings else args.text_embedding_model,
+        enabled=not args.no_embeddings,
+        text_model=args.text_embedding_model,
         batch_size=args.embed_batch_size,
     )
+    tags = TagConfig(
+        enabled=not args.no_tags,
+        vocabulary=args.tag_vocabulary,
+        threshold=args.tag_threshold,
+        keep_new=not args.drop_new_tags,
+        max_tags=args.max_tags,
+        context_columns=tuple(c.strip() for c in args.tag_columns.split(",") if c.strip()),
+    )
     cfg = CaptionConfig(
-        input=inp, output=args.output, model=model, embed=embed, storage=store, compute=compute
+        input=inp,
+        output=args.output,
+        model=model,
+        embed=embed,
+        tags=tags,
+        storage=store,
+        compute=compute,
     )
     if args.run_id:
         cfg.run_id = args.run_id

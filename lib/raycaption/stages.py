@@ -17,10 +17,11 @@ import pyarrow as pa
 from PIL import Image
 
 from raycaption import storage
-from raycaption.config import EmbedConfig, ModelConfig, StorageConfig, prompt_fields
+from raycaption.config import EmbedConfig, ModelConfig, StorageConfig, TagConfig, prompt_fields
 from raycaption.errors import RecordError
 from raycaption.images import DecodeLimits, ResizeSpec, decode_image
 from raycaption.models import ModelInfo, load_captioner
+from raycaption.tags import Vocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -131,9 +132,10 @@ def pixels_from_arrow(column: pa.ChunkedArray | pa.Array, shape: tuple[int, ...]
 
 
 class CaptionActor:
-    """Caption stage: loads the model once per actor, then captions batches; when a text
-    embedding model is configured it also embeds each caption in the same actor (a second,
-    small model beside the captioner rather than another actor pool competing for CPUs).
+    """Caption stage: loads the model once per actor, then captions batches. When tags or
+    embeddings are configured, the small text model runs in the same actor right after the
+    captioner (rather than as another actor pool competing for CPUs): keyword tags first,
+    then the embedding of "tags. caption".
 
     A failing model call is retried on halves of the batch, so one bad image costs one error
     row (``model_error``) and never the rest of its batch.
@@ -145,18 +147,26 @@ class CaptionActor:
         model_cfg: ModelConfig,
         storage_cfg: StorageConfig,
         embed_cfg: EmbedConfig | None = None,
+        tag_cfg: TagConfig | None = None,
+        vocabulary: Vocabulary | None = None,
     ):
         started = time.perf_counter()
         self.info = info
         self.captioner = load_captioner(info, model_cfg, storage_cfg)
-        self.embed_cfg = embed_cfg if embed_cfg and embed_cfg.text_model else None
-        self.embedder = None
-        if self.embed_cfg:
-            from raycaption.models.embedder import TextEmbedder
-
-            self.embedder = TextEmbedder(self.embed_cfg.text_model)
         self.prompt = model_cfg.prompt
         self.prompt_fields = prompt_fields(self.prompt) if self.prompt else []
+        self.embed_cfg = embed_cfg if embed_cfg and embed_cfg.enabled else None
+        self.tag_cfg = tag_cfg if tag_cfg and tag_cfg.enabled else None
+        self.embedder = self.tagger = None
+        if self.embed_cfg or self.tag_cfg:
+            from raycaption.models.embedder import TextEmbedder
+
+            self.embedder = TextEmbedder((embed_cfg or EmbedConfig()).text_model)
+        if self.tag_cfg:
+            from raycaption.tags import Tagger, Vocabulary
+
+            self.vocabulary = vocabulary or Vocabulary((), "none")
+            self.tagger = Tagger(self.embedder, self.vocabulary, self.tag_cfg)
         logger.info("caption actor ready in %.1fs", time.perf_counter() - started)
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -169,19 +179,45 @@ class CaptionActor:
             self._caption(todo, pixels, prompts, captions, stage, code, message)
         table = table.drop_columns(["pixels"])
         table = table.append_column("caption", pa.array(captions, pa.string()))
-        if self.embedder is not None:
-            table = table.append_column("embedding", self._embed(captions, stage, code, message))
+        tags: list[list[str] | None] = [None] * table.num_rows
+        if self.tagger is not None:
+            table = self._add_tags(table, captions, tags, stage, code, message)
+        if self.embed_cfg is not None:
+            texts = [
+                None if c is None else (f"{', '.join(t)}. {c}" if t else c)
+                for c, t in zip(captions, tags, strict=True)
+            ]
+            table = table.append_column("embedding", self._embed(texts, stage, code, message))
         return _with_status(table, stage, code, message)
 
-    def _embed(self, captions, stage, code, message) -> pa.Array:
-        dim = self.embedder.dim
+    def _add_tags(self, table, captions, tags, stage, code, message) -> pa.Table:
         idx = [i for i, c in enumerate(captions) if c is not None and stage[i] is None]
-        vectors = np.zeros((len(captions), dim), dtype=np.float32)
-        valid = np.zeros(len(captions), dtype=bool)
+        context = [table.column(c).to_pylist() for c in self.tag_cfg.context_columns]
+        texts = [
+            " ".join([captions[i], *(str(col[i]) for col in context if col[i] is not None)])
+            for i in idx
+        ]
+        scores: list[list[float] | None] = [None] * table.num_rows
         try:
-            vectors[idx] = self.embedder.embed(
-                [captions[i] for i in idx], self.embed_cfg.batch_size
-            )
+            for i, (t, s) in zip(idx, self.tagger.tag(texts), strict=True):
+                tags[i], scores[i] = t, s
+        except Exception as exc:  # noqa: BLE001 - the tagging call is a record boundary
+            text = storage.redact_text(f"{type(exc).__name__}: {exc}")[:500]
+            for i in idx:
+                stage[i], code[i], message[i] = "tag", "tagging_error", text
+                tags[i] = scores[i] = None
+        version = [self.vocabulary.version if t is not None else None for t in tags]
+        table = table.append_column("tags", pa.array(tags, pa.list_(pa.string())))
+        table = table.append_column("tag_scores", pa.array(scores, pa.list_(pa.float32())))
+        return table.append_column("tag_vocabulary", pa.array(version, pa.string()))
+
+    def _embed(self, texts, stage, code, message) -> pa.Array:
+        dim = self.embedder.dim
+        idx = [i for i, t in enumerate(texts) if t is not None and stage[i] is None]
+        vectors = np.zeros((len(texts), dim), dtype=np.float32)
+        valid = np.zeros(len(texts), dtype=bool)
+        try:
+            vectors[idx] = self.embedder.embed([texts[i] for i in idx], self.embed_cfg.batch_size)
             valid[idx] = True
         except Exception as exc:  # noqa: BLE001 - the embedding call is a record boundary
             text = storage.redact_text(f"{type(exc).__name__}: {exc}")[:500]

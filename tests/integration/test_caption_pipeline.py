@@ -241,6 +241,10 @@ def test_output_readable_by_duckdb_and_spark(manifest_run):
         f"select error_code, count(*) from read_parquet('{out}/errors/**/*.parquet') group by 1"
     ).fetchall()
     assert dict(codes) == summary.errors_by_code
+    dims = duckdb.sql(
+        f"select distinct len(embedding), typeof(tags) from read_parquet('{out}/captions/**/*.parquet')"
+    ).fetchall()
+    assert dims == [(384, "VARCHAR[]")]
 
     from pyspark.sql import SparkSession
 
@@ -254,6 +258,9 @@ def test_output_readable_by_duckdb_and_spark(manifest_run):
         df = spark.read.parquet(str(out / "captions"))
         assert df.count() == summary.captioned
         assert {"image_id", "caption", "width", "height", "title", "sku"} <= set(df.columns)
+        assert {"tags", "tag_scores", "embedding"} <= set(df.columns)
+        first = df.select("embedding").first()[0]
+        assert len(first) == 384
         errors = spark.read.parquet(str(out / "errors"))
         assert errors.count() == summary.errors
     finally:

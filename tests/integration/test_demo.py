@@ -4,6 +4,7 @@ bundled model, no network; prints captions a person can check and leaves both ta
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -44,6 +45,15 @@ def test_demo_prints_mostly_correct_captions_and_writes_tables(tmp_path):
     for name in truth:
         assert name in proc.stdout
     assert f"{len(truth)} captioned, 0 errors" in proc.stdout
+
+    # Tags name the shape and colours of each image; every tag is new without a vocabulary.
+    for row in table:
+        words = set(row["caption"].split())
+        assert row["tags"] and set(row["tags"]) <= words, row
+        assert len(row["tag_scores"]) == len(row["tags"])
+        assert row["tag_vocabulary"] == "none"
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["new_tags"]["background"] == len(truth)
 
     # Embeddings ride in the same rows; text search finds the image by its caption.
     schema = pq.read_schema(next((tmp_path / "out" / "captions").glob("*.parquet")))
