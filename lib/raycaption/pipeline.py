@@ -18,7 +18,7 @@ import pyarrow as pa
 
 import raycaption
 from raycaption import storage
-from raycaption.config import CaptionConfig
+from raycaption.config import CaptionConfig, TagRunConfig
 from raycaption.errors import ConfigError
 from raycaption.images import DecodeLimits
 from raycaption.listing import ListingReport, write_listing
@@ -68,7 +68,7 @@ def prepare(cfg: CaptionConfig) -> tuple[CaptionConfig, ModelInfo]:
     return cfg, info
 
 
-def text_models(cfg: CaptionConfig):
+def text_models(cfg: CaptionConfig | TagRunConfig):
     """Check the tag vocabulary and the text model on the driver (the model is small and
     loading it once also gives the embedding dimension). Returns (embedding spec or None,
     vocabulary or None)."""
@@ -210,7 +210,7 @@ def _execute(cfg: CaptionConfig, info: ModelInfo, sink, listing: ListingReport, 
     return {"num_gpus": num_gpus, "num_cpus": c.num_cpus, "min": lo, "max": hi}
 
 
-def _ensure_ray(cfg: CaptionConfig) -> None:
+def _ensure_ray(cfg: CaptionConfig | TagRunConfig) -> None:
     import ray
 
     if ray.is_initialized():

@@ -147,11 +147,16 @@ class CommitDatasink(Datasink[WriteOutcome]):
 
     def _caption_table(self, rows: pa.Table) -> pa.Table:
         n = rows.num_rows
-        cols = {
-            "model": pa.array([self.model] * n, pa.string()),
-            "run_id": pa.array([self.run_id] * n, pa.string()),
-        }
-        arrays = [cols[f.name] if f.name in cols else rows.column(f.name) for f in self.schema]
+        arrays = []
+        for f in self.schema:
+            if f.name == "run_id":
+                arrays.append(pa.array([self.run_id] * n, pa.string()))
+            elif f.name in rows.column_names:  # a re-tag keeps the rows' own model etc.
+                arrays.append(rows.column(f.name).cast(f.type))
+            elif f.name == "model":
+                arrays.append(pa.array([self.model] * n, pa.string()))
+            else:
+                arrays.append(pa.nulls(n, f.type))
         return pa.Table.from_arrays(arrays, schema=self.schema)
 
     def _error_table(self, rows: pa.Table) -> pa.Table:

@@ -31,6 +31,8 @@ _READ_THREADS = 16
 
 def _status(table: pa.Table) -> tuple[list, list, list]:
     if "stage" not in table.column_names:
+        if "input_error" not in table.column_names:  # a table from outside the pipeline
+            return [None] * table.num_rows, [None] * table.num_rows, [None] * table.num_rows
         errors = table.column("input_error").to_pylist()
         stage = ["input" if e else None for e in errors]
         code = ["invalid_uri" if e else None for e in errors]
@@ -131,30 +133,19 @@ def pixels_from_arrow(column: pa.ChunkedArray | pa.Array, shape: tuple[int, ...]
     return flat.reshape((len(arr), *shape))
 
 
-class CaptionActor:
-    """Caption stage: loads the model once per actor, then captions batches. When tags or
-    embeddings are configured, the small text model runs in the same actor right after the
-    captioner (rather than as another actor pool competing for CPUs): keyword tags first,
-    then the embedding of "tags. caption".
+class TextEnricher:
+    """Tags and text embedding for captioned rows, with the small text model loaded once.
 
-    A failing model call is retried on halves of the batch, so one bad image costs one error
-    row (``model_error``) and never the rest of its batch.
+    Used by the caption actor (right after captioning) and by the re-tag job. Keyword tags
+    come first; the embedding is of "tags. caption".
     """
 
     def __init__(
         self,
-        info: ModelInfo,
-        model_cfg: ModelConfig,
-        storage_cfg: StorageConfig,
-        embed_cfg: EmbedConfig | None = None,
-        tag_cfg: TagConfig | None = None,
-        vocabulary: Vocabulary | None = None,
+        embed_cfg: EmbedConfig | None,
+        tag_cfg: TagConfig | None,
+        vocabulary: Vocabulary | None,
     ):
-        started = time.perf_counter()
-        self.info = info
-        self.captioner = load_captioner(info, model_cfg, storage_cfg)
-        self.prompt = model_cfg.prompt
-        self.prompt_fields = prompt_fields(self.prompt) if self.prompt else []
         self.embed_cfg = embed_cfg if embed_cfg and embed_cfg.enabled else None
         self.tag_cfg = tag_cfg if tag_cfg and tag_cfg.enabled else None
         self.embedder = self.tagger = None
@@ -162,23 +153,18 @@ class CaptionActor:
             from raycaption.models.embedder import TextEmbedder
 
             self.embedder = TextEmbedder((embed_cfg or EmbedConfig()).text_model)
+        self.vocabulary = vocabulary or Vocabulary((), "none")
         if self.tag_cfg:
-            from raycaption.tags import Tagger, Vocabulary
+            from raycaption.tags import Tagger
 
-            self.vocabulary = vocabulary or Vocabulary((), "none")
             self.tagger = Tagger(self.embedder, self.vocabulary, self.tag_cfg)
-        logger.info("caption actor ready in %.1fs", time.perf_counter() - started)
 
-    def __call__(self, table: pa.Table) -> pa.Table:
-        stage, code, message = _status(table)
-        captions: list[str | None] = [None] * table.num_rows
-        todo = [i for i in range(table.num_rows) if stage[i] is None]
-        if todo:
-            pixels = pixels_from_arrow(table.column("pixels"), self.info.resize_spec.shape)
-            prompts = self._prompts(table) if self.prompt else None
-            self._caption(todo, pixels, prompts, captions, stage, code, message)
-        table = table.drop_columns(["pixels"])
-        table = table.append_column("caption", pa.array(captions, pa.string()))
+    @property
+    def active(self) -> bool:
+        return self.embedder is not None
+
+    def enrich(self, table: pa.Table, captions: list, stage, code, message) -> pa.Table:
+        """Append tags/tag_scores/tag_vocabulary and embedding columns as configured."""
         tags: list[list[str] | None] = [None] * table.num_rows
         if self.tagger is not None:
             table = self._add_tags(table, captions, tags, stage, code, message)
@@ -188,7 +174,7 @@ class CaptionActor:
                 for c, t in zip(captions, tags, strict=True)
             ]
             table = table.append_column("embedding", self._embed(texts, stage, code, message))
-        return _with_status(table, stage, code, message)
+        return table
 
     def _add_tags(self, table, captions, tags, stage, code, message) -> pa.Table:
         idx = [i for i, c in enumerate(captions) if c is not None and stage[i] is None]
@@ -224,6 +210,67 @@ class CaptionActor:
             for i in idx:
                 stage[i], code[i], message[i] = "embed", "embedding_error", text
         return embeddings_to_arrow(vectors, valid)
+
+
+# Columns the enricher writes; a re-tag replaces them.
+ENRICHED_COLUMNS = ("tags", "tag_scores", "tag_vocabulary", "embedding")
+
+
+class TagActor:
+    """Re-tag stage: recomputes tags and embeddings of existing captions on CPU workers."""
+
+    def __init__(self, embed_cfg: EmbedConfig, tag_cfg: TagConfig, vocabulary: Vocabulary | None):
+        self.enricher = TextEnricher(embed_cfg, tag_cfg, vocabulary)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        table = table.drop_columns([c for c in ENRICHED_COLUMNS if c in table.column_names])
+        stage, code, message = _status(table)
+        captions = table.column("caption").to_pylist()
+        for i, c in enumerate(captions):
+            if c is None and stage[i] is None:
+                stage[i], code[i], message[i] = "tag", "tagging_error", "row has no caption"
+        table = self.enricher.enrich(table, captions, stage, code, message)
+        return _with_status(table, stage, code, message)
+
+
+class CaptionActor:
+    """Caption stage: loads the model once per actor, then captions batches; tags and the
+    text embedding follow in the same actor (a small model beside the captioner rather than
+    another actor pool competing for CPUs).
+
+    A failing model call is retried on halves of the batch, so one bad image costs one error
+    row (``model_error``) and never the rest of its batch.
+    """
+
+    def __init__(
+        self,
+        info: ModelInfo,
+        model_cfg: ModelConfig,
+        storage_cfg: StorageConfig,
+        embed_cfg: EmbedConfig | None = None,
+        tag_cfg: TagConfig | None = None,
+        vocabulary: Vocabulary | None = None,
+    ):
+        started = time.perf_counter()
+        self.info = info
+        self.captioner = load_captioner(info, model_cfg, storage_cfg)
+        self.prompt = model_cfg.prompt
+        self.prompt_fields = prompt_fields(self.prompt) if self.prompt else []
+        self.enricher = TextEnricher(embed_cfg, tag_cfg, vocabulary)
+        logger.info("caption actor ready in %.1fs", time.perf_counter() - started)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        stage, code, message = _status(table)
+        captions: list[str | None] = [None] * table.num_rows
+        todo = [i for i in range(table.num_rows) if stage[i] is None]
+        if todo:
+            pixels = pixels_from_arrow(table.column("pixels"), self.info.resize_spec.shape)
+            prompts = self._prompts(table) if self.prompt else None
+            self._caption(todo, pixels, prompts, captions, stage, code, message)
+        table = table.drop_columns(["pixels"])
+        table = table.append_column("caption", pa.array(captions, pa.string()))
+        table = self.enricher.enrich(table, captions, stage, code, message)
+        return _with_status(table, stage, code, message)
 
     def _prompts(self, table: pa.Table) -> list[str]:
         cols = {f: table.column(f).to_pylist() for f in self.prompt_fields}

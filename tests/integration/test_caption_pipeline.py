@@ -350,3 +350,49 @@ def test_storage_settings_from_config_reach_the_workers(gpu_cluster, s3):
     # Control: without the config value the worker's dead endpoint is used, and fails.
     bad = ray.get(remote_read.remote(table, StorageConfig(), 1024, 1))
     assert bad.column("error_code").to_pylist() == ["read_failed"]
+
+
+def test_retag_existing_captions_with_a_vocabulary_on_s3(manifest_run, s3, tmp_path):
+    """`raycaption tag`: new tags from the title column and a vocabulary on S3, no
+    captioning model; captions, the model column and manifest columns are kept."""
+    from raycaption.cli import main as cli
+
+    _, out, summary, _ = manifest_run
+    fs = s3.fs()
+    fs.pipe(f"{s3.bucket}/vocab/v1.txt", b"chair\nlamp\nshoe\n")
+    retagged = tmp_path / "retagged"
+    code = cli(
+        [
+            "tag",
+            "--input", str(out),
+            "--output", str(retagged),
+            "--tag-vocabulary", f"s3://{s3.bucket}/vocab/v1.txt",
+            "--tag-columns", "title",
+            "--drop-new-tags",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    before = {r["image_id"]: r for r in pq.read_table(out / "captions").to_pylist()}
+    after = {r["image_id"]: r for r in pq.read_table(retagged / "captions").to_pylist()}
+    assert set(after) == set(before)
+    by_title = {r["title"]: r for r in after.values()}
+    assert "chair" in by_title["red chair"]["tags"]
+    assert "lamp" in by_title["blue lamp"]["tags"]
+    assert all(set(r["tags"]) <= {"chair", "lamp", "shoe"} for r in after.values())
+    for image_id, row in after.items():
+        assert row["caption"] == before[image_id]["caption"]
+        assert row["model"] == before[image_id]["model"]
+        assert row["sku"] == before[image_id]["sku"]
+        assert row["tag_vocabulary"].startswith("sha256:")
+        assert len(row["embedding"]) == 384
+    saved = json.loads((retagged / "summary.json").read_text())
+    assert saved["rows"] == summary.captioned and saved["errors"] == 0
+
+
+def test_retag_needs_a_caption_column(tmp_path, capsys):
+    from raycaption.cli import main as cli
+
+    pq.write_table(pa.table({"image_id": ["a"], "source_uri": ["/a.jpg"]}), tmp_path / "t.parquet")
+    code = cli(["tag", "--input", str(tmp_path / "t.parquet"), "--output", str(tmp_path / "o")])
+    assert code == 2
+    assert "lacks column(s) ['caption']" in capsys.readouterr().err

@@ -173,7 +173,7 @@ def test_embedding_failure_becomes_error_rows_and_success_gives_unit_vectors(tin
     def broken(texts, batch_size=64):
         raise RuntimeError("tokenizer exploded")
 
-    actor.embedder.embed = broken
+    actor.enricher.embedder.embed = broken
     rows = actor(_batch(np.zeros((2, 32, 32, 3), np.uint8))).to_pylist()
     assert [(r["stage"], r["error_code"]) for r in rows] == [("embed", "embedding_error")] * 2
     assert all(r["embedding"] is None for r in rows)
