@@ -342,7 +342,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Text -> image search over a caption output's embedding column, streamed "
         "in batches (exact cosine similarity).",
     )
-    find.add_argument("query", help="text to search for, e.g. 'black metal side table'")
+    find.add_argument("query", nargs="?", help="text to search for, e.g. 'black metal side table'")
+    find.add_argument(
+        "--image",
+        metavar="URI",
+        help="search by image instead: caption it with the index's model, then search",
+    )
+    find.add_argument(
+        "--model",
+        metavar="NAME",
+        help="captioning model for --image (default: the index's model column)",
+    )
     find.add_argument("--index", required=True, metavar="URI", help="a caption run's --output")
     find.add_argument("-k", type=int, default=5, metavar="N", help="results (default: %(default)s)")
     find.add_argument("--s3-endpoint-url", metavar="URL", help="as for caption")
@@ -423,7 +433,10 @@ def config_from_args(args: argparse.Namespace) -> CaptionConfig:
     )
     if args.run_id:
         cfg.run_id = args.run_id
-    cfg.compute.quiet = args.command == "demo"
+    if args.command == "demo":
+        cfg.compute.quiet = True
+        # Always a fresh local instance, even if a `ray start` cluster runs on this machine.
+        cfg.compute.ray_address = args.ray_address or "local"
     return cfg
 
 
@@ -518,10 +531,17 @@ def _retag(args: argparse.Namespace) -> int:
 def _search(args: argparse.Namespace) -> int:
     from raycaption.search import search
 
+    store = StorageConfig(endpoint_url=args.s3_endpoint_url)
     try:
-        hits = search(
-            args.index, args.query, args.k, StorageConfig(endpoint_url=args.s3_endpoint_url)
-        )
+        if (args.query is None) == (args.image is None):
+            raise ConfigError("give either a text query or --image, not both or neither")
+        query = args.query
+        if args.image:
+            from raycaption.search import caption_query_image
+
+            query = caption_query_image(args.index, args.image, store, args.model)
+            print(f"query image captioned as: {query}")
+        hits = search(args.index, query, args.k, store)
     except ConfigError as exc:
         print(f"raycaption: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

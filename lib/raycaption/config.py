@@ -349,7 +349,9 @@ class TagRunConfig:
             problems.append("--max-tags must be >= 1")
         lo, hi = self.compute.concurrency
         if lo < 1 or hi < lo:
-            problems.append(f"--concurrency must be N or MIN,MAX with 1 <= MIN <= MAX, got {lo},{hi}")
+            problems.append(
+                f"--concurrency must be N or MIN,MAX with 1 <= MIN <= MAX, got {lo},{hi}"
+            )
         if problems:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
         return self

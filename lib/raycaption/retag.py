@@ -31,7 +31,11 @@ def input_files(cfg: TagRunConfig) -> tuple[Any, list[str], pa.Schema]:
     try:
         if fs.isdir(path) and fs.isdir(f"{path.rstrip('/')}/captions"):
             path = f"{path.rstrip('/')}/captions"
-        files = [path] if fs.isfile(path) else sorted(p for p in fs.find(path) if p.endswith(".parquet"))
+        files = (
+            [path]
+            if fs.isfile(path)
+            else sorted(p for p in fs.find(path) if p.endswith(".parquet"))
+        )
     except Exception as exc:  # noqa: BLE001 - any backend failure means "unreachable"
         raise ConfigError(f"input {storage.redact(cfg.input)} is unreachable: {exc}") from None
     if not files:
@@ -70,7 +74,9 @@ def run_tag(cfg: TagRunConfig) -> dict[str, Any]:
     if rows:
         _ensure_ray(cfg)
         lo, hi = cfg.compute.concurrency
-        ds = ray.data.read_parquet(files, filesystem=PyFileSystem(FSSpecHandler(fs)), partitioning=None)
+        ds = ray.data.read_parquet(
+            files, filesystem=PyFileSystem(FSSpecHandler(fs)), partitioning=None
+        )
         ds = ds.map_batches(
             TagActor,
             batch_format="pyarrow",

@@ -75,3 +75,43 @@ def search(
         keep = np.argsort(-best_scores, kind="stable")[:k]
         best_scores, best_rows = best_scores[keep], [best_rows[i] for i in keep]
     return [Hit(float(s), *row) for s, row in zip(best_scores, best_rows, strict=True)]
+
+
+def caption_query_image(
+    index: str, image: str, storage_cfg: StorageConfig | None = None, model: str | None = None
+) -> str:
+    """Caption a query image with the index's own captioning model (the ``model`` column of
+    its captions, unless ``model`` is given), so image -> image search compares like with like."""
+    from raycaption.config import ModelConfig
+    from raycaption.images import decode_image
+    from raycaption.models import inspect_model, load_captioner
+
+    storage_cfg = storage.resolve_storage(storage_cfg or StorageConfig())
+    if model is None:
+        fs, root = storage.filesystem(storage.join(index, "captions"), storage_cfg)
+        files = (
+            sorted(p for p in fs.find(root) if p.endswith(".parquet")) if fs.exists(root) else []
+        )
+        for path in files:
+            with fs.open(path, "rb") as f:
+                column = pq.read_table(f, columns=["model"]).column("model")
+            if len(column):
+                model = column[0].as_py()
+                break
+        if not model:
+            raise ConfigError(f"{storage.redact(index)} has no captions to take the model from")
+    cfg = ModelConfig(name=model)
+    info = inspect_model(cfg, storage_cfg)
+    fs, path = storage.filesystem(image, storage_cfg)
+    try:
+        with fs.open(path, "rb") as f:
+            data = f.read()
+    except Exception as exc:  # noqa: BLE001 - any backend failure means "unreadable"
+        raise ConfigError(f"cannot read query image {storage.redact(image)}: {exc}") from None
+    from raycaption.errors import RecordError
+
+    try:
+        pixels = decode_image(data, info.resize_spec).pixels
+    except RecordError as err:
+        raise ConfigError(f"query image {storage.redact(image)}: {err}") from None
+    return load_captioner(info, cfg, storage_cfg).caption(pixels[None])[0]

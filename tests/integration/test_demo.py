@@ -73,3 +73,20 @@ def test_demo_prints_mostly_correct_captions_and_writes_tables(tmp_path):
     first = found.stdout.splitlines()[0].split()
     assert first[0] == "1" and first[2].endswith(name), found.stdout
     assert len(found.stdout.splitlines()) == 3
+
+    # Image -> image: the query image is captioned with the index's model, then searched.
+    query = sorted(truth)[7]
+    by_image = subprocess.run(
+        [
+            str(raycaption), "search", "--index", str(tmp_path / "out"),
+            "--image", str(bundled("samples") / query), "-k", "1",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert by_image.returncode == 0, by_image.stderr[-2000:]
+    lines = by_image.stdout.splitlines()
+    assert lines[0] == f"query image captioned as: {truth[query]}"
+    assert lines[1].split()[2].endswith(query)
