@@ -458,18 +458,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         args.input = str(bundled("samples"))
         args.extensions = ",".join(DEFAULT_EXTENSIONS)
-    try:
-        cfg = config_from_args(args)
+    cfg = None
+
+    def run():
+        nonlocal cfg
         from raycaption.pipeline import run_caption
 
-        summary = run_caption(cfg)
-    except ConfigError as exc:
-        print(f"raycaption: error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except Exception as exc:
-        logger.exception("run failed")
-        print(f"raycaption: run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        cfg = config_from_args(args)
+        return run_caption(cfg)
+
+    summary, code = _guarded(run)
+    if code != EXIT_OK:
+        return code
     print(
         f"run {summary.run_id}: {summary.captioned} captioned, {summary.errors} errors "
         f"of {summary.inputs} inputs in {summary.seconds:.1f}s "
@@ -488,11 +488,25 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_OK
 
 
+def _guarded(run):
+    """Run a command body: (result, 0), or (None, 2) for bad configuration or input, or
+    (None, 1) for any other failure, each with a one-line message on stderr."""
+    try:
+        return run(), EXIT_OK
+    except ConfigError as exc:
+        print(f"raycaption: error: {exc}", file=sys.stderr)
+        return None, EXIT_CONFIG
+    except Exception as exc:
+        logger.exception("run failed")
+        print(f"raycaption: run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return None, EXIT_FAILED
+
+
 def _retag(args: argparse.Namespace) -> int:
     from raycaption.config import TagRunConfig
     from raycaption.retag import run_tag
 
-    try:
+    def run():
         embed, tags = _text_configs(args)
         cfg = TagRunConfig(
             input=args.input,
@@ -508,14 +522,11 @@ def _retag(args: argparse.Namespace) -> int:
         )
         if args.run_id:
             cfg.run_id = args.run_id
-        summary = run_tag(cfg)
-    except ConfigError as exc:
-        print(f"raycaption: error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except Exception as exc:
-        logger.exception("run failed")
-        print(f"raycaption: run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return run_tag(cfg)
+
+    summary, code = _guarded(run)
+    if code != EXIT_OK:
+        return code
     print(
         f"run {summary['run_id']}: {summary['tagged']} re-tagged, {summary['errors']} errors "
         f"of {summary['rows']} rows in {summary['seconds']:.1f}s; vocabulary "
@@ -532,7 +543,8 @@ def _search(args: argparse.Namespace) -> int:
     from raycaption.search import search
 
     store = StorageConfig(endpoint_url=args.s3_endpoint_url)
-    try:
+
+    def run():
         if (args.query is None) == (args.image is None):
             raise ConfigError("give either a text query or --image, not both or neither")
         query = args.query
@@ -541,10 +553,11 @@ def _search(args: argparse.Namespace) -> int:
 
             query = caption_query_image(args.index, args.image, store, args.model)
             print(f"query image captioned as: {query}")
-        hits = search(args.index, query, args.k, store)
-    except ConfigError as exc:
-        print(f"raycaption: error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return search(args.index, query, args.k, store)
+
+    hits, code = _guarded(run)
+    if code != EXIT_OK:
+        return code
     for rank, hit in enumerate(hits, 1):
         print(f"{rank:>3}  {hit.score:.3f}  {hit.source_uri}  {hit.caption}")
     return EXIT_OK

@@ -235,21 +235,10 @@ class CaptionConfig:
         c = self.compute
         if c.batch_size < 1:
             problems.append("--batch-size must be >= 1")
-        if self.embed.batch_size < 1:
-            problems.append("--embed-batch-size must be >= 1")
-        if not 0.0 <= self.tags.threshold <= 1.0:
-            problems.append("--tag-threshold must be between 0 and 1")
-        if self.tags.max_tags < 1:
-            problems.append("--max-tags must be >= 1")
-        if (self.embed.enabled or self.tags.enabled) and not self.embed.text_model:
-            problems.append("--text-embedding-model is required for embeddings and tags")
+        problems.extend(_check_text(self.embed, self.tags))
         if c.decode_batch_size < 1:
             problems.append("--decode-batch-size must be >= 1")
-        lo, hi = c.concurrency
-        if lo < 1 or hi < lo:
-            problems.append(
-                f"--concurrency must be N or MIN,MAX with 1 <= MIN <= MAX, got {lo},{hi}"
-            )
+        problems.extend(_check_concurrency(c.concurrency))
         if c.num_gpus is not None and c.num_gpus < 0:
             problems.append("--num-gpus must be >= 0")
         if c.num_gpus is not None and c.num_gpus > 1 and c.num_gpus != int(c.num_gpus):
@@ -282,6 +271,26 @@ def prompt_fields(template: str) -> list[str]:
     import string
 
     return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+def _check_text(embed: EmbedConfig, tags: TagConfig) -> list[str]:
+    problems = []
+    if embed.batch_size < 1:
+        problems.append("--embed-batch-size must be >= 1")
+    if not 0.0 <= tags.threshold <= 1.0:
+        problems.append("--tag-threshold must be between 0 and 1")
+    if tags.max_tags < 1:
+        problems.append("--max-tags must be >= 1")
+    if (embed.enabled or tags.enabled) and not embed.text_model:
+        problems.append("--text-embedding-model is required for embeddings and tags")
+    return problems
+
+
+def _check_concurrency(concurrency: tuple[int, int]) -> list[str]:
+    lo, hi = concurrency
+    if lo < 1 or hi < lo:
+        return [f"--concurrency must be N or MIN,MAX with 1 <= MIN <= MAX, got {lo},{hi}"]
+    return []
 
 
 def _check_prompt(template: str) -> list[str]:
@@ -343,15 +352,8 @@ class TagRunConfig:
             problems.append("--output must not be the --input folder")
         if not (self.tags.enabled or self.embed.enabled):
             problems.append("nothing to do: both --no-tags and --no-embeddings were given")
-        if not 0.0 <= self.tags.threshold <= 1.0:
-            problems.append("--tag-threshold must be between 0 and 1")
-        if self.tags.max_tags < 1:
-            problems.append("--max-tags must be >= 1")
-        lo, hi = self.compute.concurrency
-        if lo < 1 or hi < lo:
-            problems.append(
-                f"--concurrency must be N or MIN,MAX with 1 <= MIN <= MAX, got {lo},{hi}"
-            )
+        problems.extend(_check_text(self.embed, self.tags))
+        problems.extend(_check_concurrency(self.compute.concurrency))
         if problems:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
         return self

@@ -122,3 +122,11 @@ def test_help_explains_the_command(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "Exit codes: 0 success, 1 the run failed, 2 bad configuration" in capsys.readouterr().out
+
+
+def test_search_needs_exactly_one_of_query_and_image(capsys, tmp_path):
+    assert_fails_fast(capsys, "either a text query or --image", "search", "--index", str(tmp_path))
+    assert_fails_fast(
+        capsys, "not both", "search", "--index", str(tmp_path), "q", "--image", "x.jpg"
+    )
+    assert_fails_fast(capsys, "has no captions/ table", "search", "--index", str(tmp_path), "q")
