@@ -26,13 +26,19 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """family -> folder written by save_pretrained (model + processor)."""
-    from tests.helpers.tiny_models import build_tiny_blip, build_tiny_blip2, build_tiny_git
+    from tests.helpers.tiny_models import (
+        build_tiny_blip,
+        build_tiny_blip2,
+        build_tiny_clip,
+        build_tiny_git,
+    )
 
     root = tmp_path_factory.mktemp("models")
     return {
         "git": build_tiny_git(root / "git"),
         "blip": build_tiny_blip(root / "blip"),
         "blip-2": build_tiny_blip2(root / "blip2"),
+        "clip": build_tiny_clip(root / "clip"),
     }
 
 

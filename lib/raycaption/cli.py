@@ -16,6 +16,7 @@ from pathlib import Path
 from raycaption.config import (
     DEFAULT_EXTENSIONS,
     CaptionConfig,
+    ClipConfig,
     ComputeConfig,
     EmbedConfig,
     InputConfig,
@@ -29,7 +30,7 @@ from raycaption.errors import ConfigError
 logger = logging.getLogger("raycaption")
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
-_C, _M, _E, _T = ComputeConfig(), ModelConfig(), EmbedConfig(), TagConfig()
+_C, _M, _E, _T, _CL = ComputeConfig(), ModelConfig(), EmbedConfig(), TagConfig(), ClipConfig()
 
 
 def _add_caption_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
@@ -133,6 +134,27 @@ def _add_caption_options(p: argparse.ArgumentParser, demo: bool = False) -> None
     )
 
     _add_text_options(p)
+    g = p.add_argument_group("zero-shot image tags (CLIP)")
+    g.add_argument(
+        "--clip-model",
+        metavar="NAME",
+        help="CLIP hub id or folder: score each image against --tag-vocabulary "
+        "(image_tags, image_tag_scores) and store its image_embedding",
+    )
+    g.add_argument(
+        "--clip-threshold",
+        type=float,
+        default=_CL.threshold,
+        metavar="X",
+        help="minimum probability for a zero-shot tag (default: %(default)s)",
+    )
+    g.add_argument(
+        "--clip-top-k",
+        type=int,
+        default=_CL.top_k,
+        metavar="N",
+        help="zero-shot tags per image at most (default: %(default)s)",
+    )
 
     g = p.add_argument_group("compute")
     g.add_argument(
@@ -428,6 +450,9 @@ def config_from_args(args: argparse.Namespace) -> CaptionConfig:
         model=model,
         embed=embed,
         tags=tags,
+        clip=ClipConfig(
+            model=args.clip_model, threshold=args.clip_threshold, top_k=args.clip_top_k
+        ),
         storage=store,
         compute=compute,
     )

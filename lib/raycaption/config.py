@@ -199,6 +199,21 @@ class TagConfig:
 
 
 @dataclass
+class ClipConfig:
+    """Optional zero-shot image tags and image embeddings with a CLIP model.
+
+    Attributes:
+        model: Any CLIP hub id or folder; None turns both off.
+        threshold: Minimum softmax probability over the vocabulary for a zero-shot tag.
+        top_k: At most this many zero-shot tags per image.
+    """
+
+    model: str | None = None
+    threshold: float = 0.1
+    top_k: int = 5
+
+
+@dataclass
 class CaptionConfig:
     """Everything one caption run needs."""
 
@@ -207,6 +222,7 @@ class CaptionConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     tags: TagConfig = field(default_factory=TagConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     run_id: str = field(default_factory=new_run_id)
@@ -236,6 +252,12 @@ class CaptionConfig:
         if c.batch_size < 1:
             problems.append("--batch-size must be >= 1")
         problems.extend(_check_text(self.embed, self.tags))
+        if self.clip.model and not self.tags.vocabulary:
+            problems.append(
+                "--clip-model needs --tag-vocabulary (the words images are scored against)"
+            )
+        if not 0.0 <= self.clip.threshold <= 1.0 or self.clip.top_k < 1:
+            problems.append("--clip-threshold must be between 0 and 1 and --clip-top-k >= 1")
         if c.decode_batch_size < 1:
             problems.append("--decode-batch-size must be >= 1")
         problems.extend(_check_concurrency(c.concurrency))

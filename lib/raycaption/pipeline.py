@@ -74,13 +74,32 @@ def text_models(cfg: CaptionConfig | TagRunConfig):
     vocabulary or None)."""
     from raycaption.tags import load_vocabulary
 
-    vocabulary = load_vocabulary(cfg.tags.vocabulary, cfg.storage) if cfg.tags.enabled else None
+    clip = getattr(cfg, "clip", None)
+    wanted = cfg.tags.enabled or bool(clip and clip.model)
+    vocabulary = load_vocabulary(cfg.tags.vocabulary, cfg.storage) if wanted else None
     if not (cfg.embed.enabled or cfg.tags.enabled):
         return None, None
     from raycaption.models.embedder import TextEmbedder
 
     dim = TextEmbedder(cfg.embed.text_model).dim
     return ((cfg.embed.text_model, dim) if cfg.embed.enabled else None), vocabulary
+
+
+def clip_spec(cfg: CaptionConfig) -> tuple[str, int] | None:
+    """(model, projection dim) of the CLIP model from its config alone; None when off."""
+    if not cfg.clip.model:
+        return None
+    from transformers import AutoConfig
+
+    try:
+        clip_config = AutoConfig.from_pretrained(cfg.clip.model)
+    except Exception as exc:  # noqa: BLE001 - hub/network/parse errors all mean "unknown model"
+        raise ConfigError(f"cannot load CLIP config for {cfg.clip.model!r}: {exc}") from None
+    if clip_config.model_type != "clip":
+        raise ConfigError(
+            f"--clip-model {cfg.clip.model!r} has model_type {clip_config.model_type!r}, not 'clip'"
+        )
+    return cfg.clip.model, int(clip_config.projection_dim)
 
 
 def _check_writable(cfg: CaptionConfig) -> None:
@@ -98,6 +117,7 @@ def run_caption(cfg: CaptionConfig) -> RunSummary:
     started = time.perf_counter()
     cfg, info = prepare(cfg)
     embedding, vocabulary = text_models(cfg)
+    image_embedding = clip_spec(cfg)
     run_dir = storage.join(cfg.output, "_runs", cfg.run_id)
     listing = write_listing(cfg, storage.join(run_dir, "listing"))
     logger.info("model %s (%s); %d inputs", cfg.model.name, info.family, listing.rows)
@@ -110,7 +130,8 @@ def run_caption(cfg: CaptionConfig) -> RunSummary:
         listing.extra_schema,
         cfg.storage,
         embedding,
-        frozenset(vocabulary.words) if vocabulary else None,
+        frozenset(vocabulary.words) if vocabulary and cfg.tags.enabled else None,
+        image_embedding,
     )
     actors: dict[str, Any] = {}
     if listing.rows:
@@ -202,6 +223,7 @@ def _execute(cfg: CaptionConfig, info: ModelInfo, sink, listing: ListingReport, 
             "embed_cfg": cfg.embed,
             "tag_cfg": cfg.tags,
             "vocabulary": vocabulary,
+            "clip_cfg": cfg.clip,
         },
     )
     ds.write_datasink(sink)

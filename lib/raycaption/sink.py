@@ -47,26 +47,36 @@ ERROR_SCHEMA = pa.schema(ERROR_FIELDS)
 
 
 def caption_schema(
-    extra: pa.Schema, embedding: tuple[str, int] | None = None, tags: bool = False
+    extra: pa.Schema,
+    embedding: tuple[str, int] | None = None,
+    tags: bool = False,
+    image_embedding: tuple[str, int] | None = None,
 ) -> pa.Schema:
     """Fixed caption columns, tags and the embedding when configured, then the manifest's own
     columns in manifest order. The embedding model and dimension go into schema metadata."""
     fields = list(CAPTION_FIELDS)
-    metadata = None
     if tags:
         fields += [
             pa.field("tags", pa.list_(pa.string())),
             pa.field("tag_scores", pa.list_(pa.float32())),
             pa.field("tag_vocabulary", pa.string()),
         ]
+    metadata = {}
     if embedding:
         name, dim = embedding
         fields.append(pa.field("embedding", pa.list_(pa.float32(), dim)))
-        metadata = {
-            "raycaption.text_embedding_model": name,
-            "raycaption.text_embedding_dim": str(dim),
-        }
-    return pa.schema(fields + list(extra), metadata=metadata)
+        metadata["raycaption.text_embedding_model"] = name
+        metadata["raycaption.text_embedding_dim"] = str(dim)
+    if image_embedding:
+        name, dim = image_embedding
+        fields += [
+            pa.field("image_tags", pa.list_(pa.string())),
+            pa.field("image_tag_scores", pa.list_(pa.float32())),
+            pa.field("image_embedding", pa.list_(pa.float32(), dim)),
+        ]
+        metadata["raycaption.image_embedding_model"] = name
+        metadata["raycaption.image_embedding_dim"] = str(dim)
+    return pa.schema(fields + list(extra), metadata=metadata or None)
 
 
 def write_parquet(table: pa.Table, url: str, storage_cfg: StorageConfig) -> None:
@@ -107,13 +117,16 @@ class CommitDatasink(Datasink[WriteOutcome]):
         storage_cfg: StorageConfig,
         embedding: tuple[str, int] | None = None,
         vocabulary: frozenset[str] | None = None,
+        image_embedding: tuple[str, int] | None = None,
     ):
         self.output = output.rstrip("/")
         self.run_id = run_id
         self.model = model
         # None: no tags column; an empty set: tags without a vocabulary (every tag is new).
         self.vocabulary = vocabulary
-        self.schema = caption_schema(extra_schema, embedding, tags=vocabulary is not None)
+        self.schema = caption_schema(
+            extra_schema, embedding, tags=vocabulary is not None, image_embedding=image_embedding
+        )
         self.storage_cfg = storage_cfg
         self.staging = storage.join(self.output, "_staging", run_id)
         self.committed: WriteOutcome | None = None

@@ -17,7 +17,14 @@ import pyarrow as pa
 from PIL import Image
 
 from raycaption import storage
-from raycaption.config import EmbedConfig, ModelConfig, StorageConfig, TagConfig, prompt_fields
+from raycaption.config import (
+    ClipConfig,
+    EmbedConfig,
+    ModelConfig,
+    StorageConfig,
+    TagConfig,
+    prompt_fields,
+)
 from raycaption.errors import RecordError
 from raycaption.images import DecodeLimits, ResizeSpec, decode_image
 from raycaption.models import ModelInfo, load_captioner
@@ -250,9 +257,16 @@ class CaptionActor:
         embed_cfg: EmbedConfig | None = None,
         tag_cfg: TagConfig | None = None,
         vocabulary: Vocabulary | None = None,
+        clip_cfg: ClipConfig | None = None,
     ):
         started = time.perf_counter()
         self.info = info
+        self.clip_cfg = clip_cfg if clip_cfg and clip_cfg.model else None
+        self.clip = None
+        if self.clip_cfg:
+            from raycaption.models.clip import ClipScorer
+
+            self.clip = ClipScorer(self.clip_cfg.model, vocabulary.words if vocabulary else ())
         self.captioner = load_captioner(info, model_cfg, storage_cfg)
         self.prompt = model_cfg.prompt
         self.prompt_fields = prompt_fields(self.prompt) if self.prompt else []
@@ -267,10 +281,34 @@ class CaptionActor:
             pixels = pixels_from_arrow(table.column("pixels"), self.info.resize_spec.shape)
             prompts = self._prompts(table) if self.prompt else None
             self._caption(todo, pixels, prompts, captions, stage, code, message)
+        if self.clip is not None:
+            table = self._add_clip(table, stage, code, message)
         table = table.drop_columns(["pixels"])
         table = table.append_column("caption", pa.array(captions, pa.string()))
         table = self.enricher.enrich(table, captions, stage, code, message)
         return _with_status(table, stage, code, message)
+
+    def _add_clip(self, table, stage, code, message) -> pa.Table:
+        n = table.num_rows
+        idx = [i for i in range(n) if stage[i] is None]
+        tags: list = [None] * n
+        scores: list = [None] * n
+        vectors = np.zeros((n, self.clip.dim), dtype=np.float32)
+        valid = np.zeros(n, dtype=bool)
+        if idx:
+            pixels = pixels_from_arrow(table.column("pixels"), self.info.resize_spec.shape)
+            try:
+                t, s, v = self.clip.score(pixels[idx], self.clip_cfg.threshold, self.clip_cfg.top_k)
+                for j, i in enumerate(idx):
+                    tags[i], scores[i] = t[j], s[j]
+                vectors[idx], valid[idx] = v, True
+            except Exception as exc:  # noqa: BLE001 - the CLIP call is a record boundary
+                text = storage.redact_text(f"{type(exc).__name__}: {exc}")[:500]
+                for i in idx:
+                    stage[i], code[i], message[i] = "tag", "tagging_error", text
+        table = table.append_column("image_tags", pa.array(tags, pa.list_(pa.string())))
+        table = table.append_column("image_tag_scores", pa.array(scores, pa.list_(pa.float32())))
+        return table.append_column("image_embedding", embeddings_to_arrow(vectors, valid))
 
     def _prompts(self, table: pa.Table) -> list[str]:
         cols = {f: table.column(f).to_pylist() for f in self.prompt_fields}

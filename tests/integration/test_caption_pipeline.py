@@ -392,3 +392,59 @@ def test_retag_needs_a_caption_column(tmp_path, capsys):
     code = cli(["tag", "--input", str(tmp_path / "t.parquet"), "--output", str(tmp_path / "o")])
     assert code == 2
     assert "lacks column(s) ['caption']" in capsys.readouterr().err
+
+
+def test_zero_shot_image_tags_and_image_embeddings_with_clip(gpu_cluster, tiny_models, tmp_path):
+    """--clip-model scores each image against the vocabulary (a random tiny CLIP here, so
+    the check is on structure: top-k, threshold, vocabulary words, unit vectors, metadata)."""
+    import numpy as np
+
+    from raycaption.config import ClipConfig, TagConfig
+
+    cases = make_image_cases()
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for name in ("ok_rgb_jpeg", "cmyk_jpeg", "garbage"):
+        (images / f"{name}.jpg").write_bytes(cases[name][0])
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("wood\nmetal\nglass\nred\n")
+    cfg = CaptionConfig(
+        input=InputConfig(uri=str(images)),
+        output=str(tmp_path / "out"),
+        model=ModelConfig(name=str(tiny_models["git"]), max_new_tokens=3),
+        tags=TagConfig(vocabulary=str(vocab)),
+        clip=ClipConfig(model=str(tiny_models["clip"]), threshold=0.0, top_k=2),
+        compute=ComputeConfig(num_gpus=0),
+    )
+    summary = run_caption(cfg)
+    assert (summary.captioned, summary.errors) == (2, 1)
+    table = pq.read_table(tmp_path / "out" / "captions")
+    meta = table.schema.metadata
+    assert meta[b"raycaption.image_embedding_dim"] == b"16"
+    assert meta[b"raycaption.image_embedding_model"] == str(tiny_models["clip"]).encode()
+    for row in table.to_pylist():
+        assert len(row["image_tags"]) == 2
+        assert set(row["image_tags"]) <= {"wood", "metal", "glass", "red"}
+        assert row["image_tag_scores"] == sorted(row["image_tag_scores"], reverse=True)
+        assert all(0.0 < s <= 1.0 for s in row["image_tag_scores"])
+        assert abs(np.linalg.norm(row["image_embedding"]) - 1.0) < 1e-4
+    # A threshold no probability over four words can reach leaves no zero-shot tags.
+    cfg.clip.threshold, cfg.output, cfg.run_id = 0.99, str(tmp_path / "out2"), "strict"
+    run_caption(cfg)
+    strict = pq.read_table(tmp_path / "out2" / "captions").to_pylist()
+    assert all(r["image_tags"] == [] for r in strict)
+
+
+def test_clip_needs_a_vocabulary_and_a_clip_model(tiny_models, tmp_path, capsys):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    (images / "a.jpg").write_bytes(make_image_cases()["ok_rgb_jpeg"][0])
+    base = ["caption", "--input", str(images), "--output", str(tmp_path / "o")]
+    base += ["--model", str(tiny_models["git"])]
+    assert main([*base, "--clip-model", str(tiny_models["clip"])]) == 2
+    assert "--clip-model needs --tag-vocabulary" in capsys.readouterr().err
+    vocab = tmp_path / "v.txt"
+    vocab.write_text("wood\n")
+    args = [*base, "--clip-model", str(tiny_models["git"]), "--tag-vocabulary", str(vocab)]
+    assert main(args) == 2
+    assert "has model_type 'git', not 'clip'" in capsys.readouterr().err
