@@ -70,6 +70,12 @@ def run_tag(cfg: TagRunConfig) -> dict[str, Any]:
     extra = pa.schema([f for f in schema if f.name not in owned])
     words = frozenset(vocabulary.words) if vocabulary else None
     sink = CommitDatasink(cfg.output, cfg.run_id, "", extra, cfg.storage, embedding, words)
+    # Columns carried unchanged keep their schema metadata (CLIP image embedding model/dim).
+    carried = {
+        k: v for k, v in (schema.metadata or {}).items() if k.startswith(b"raycaption.image_")
+    }
+    if carried:
+        sink.schema = sink.schema.with_metadata({**(sink.schema.metadata or {}), **carried})
     rows = sum(pq.ParquetFile(fs.open(f, "rb")).metadata.num_rows for f in files)
     if rows:
         _ensure_ray(cfg)

@@ -428,6 +428,12 @@ def test_zero_shot_image_tags_and_image_embeddings_with_clip(gpu_cluster, tiny_m
         assert row["image_tag_scores"] == sorted(row["image_tag_scores"], reverse=True)
         assert all(0.0 < s <= 1.0 for s in row["image_tag_scores"])
         assert abs(np.linalg.norm(row["image_embedding"]) - 1.0) < 1e-4
+    # Re-tagging keeps the CLIP columns and their schema metadata.
+    assert main(["tag", "--input", str(tmp_path / "out"), "--output", str(tmp_path / "re")]) == 0
+    retagged = pq.read_table(tmp_path / "re" / "captions")
+    assert retagged.schema.metadata[b"raycaption.image_embedding_dim"] == b"16"
+    by_id = {r["image_id"]: r["image_tags"] for r in table.to_pylist()}
+    assert {r["image_id"]: r["image_tags"] for r in retagged.to_pylist()} == by_id
     # A threshold no probability over four words can reach leaves no zero-shot tags.
     cfg.clip.threshold, cfg.output, cfg.run_id = 0.99, str(tmp_path / "out2"), "strict"
     run_caption(cfg)
