@@ -31,11 +31,7 @@ def input_files(cfg: TagRunConfig) -> tuple[Any, list[str], pa.Schema]:
     try:
         if fs.isdir(path) and fs.isdir(f"{path.rstrip('/')}/captions"):
             path = f"{path.rstrip('/')}/captions"
-        files = (
-            [path]
-            if fs.isfile(path)
-            else sorted(p for p in fs.find(path) if p.endswith(".parquet"))
-        )
+        files = [path] if fs.isfile(path) else storage.parquet_files(fs, path)
     except Exception as exc:  # noqa: BLE001 - any backend failure means "unreachable"
         raise ConfigError(f"input {storage.redact(cfg.input)} is unreachable: {exc}") from None
     if not files:
@@ -76,7 +72,7 @@ def run_tag(cfg: TagRunConfig) -> dict[str, Any]:
     }
     if carried:
         sink.schema = sink.schema.with_metadata({**(sink.schema.metadata or {}), **carried})
-    rows = sum(pq.ParquetFile(fs.open(f, "rb")).metadata.num_rows for f in files)
+    rows = sum(_num_rows(fs, f) for f in files)
     if rows:
         _ensure_ray(cfg)
         lo, hi = cfg.compute.concurrency
@@ -122,3 +118,9 @@ def run_tag(cfg: TagRunConfig) -> dict[str, Any]:
     with out_fs.open(out_path, "w") as f:
         f.write(json.dumps(summary, indent=2, sort_keys=True, default=str))
     return summary
+
+
+def _num_rows(fs, path: str) -> int:
+    """Row count from the Parquet footer alone."""
+    with fs.open(path, "rb") as f:
+        return pq.ParquetFile(f).metadata.num_rows

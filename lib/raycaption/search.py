@@ -40,7 +40,7 @@ def search(
     storage_cfg = storage.resolve_storage(storage_cfg or StorageConfig())
     fs, root = storage.filesystem(storage.join(index, "captions"), storage_cfg)
     try:
-        files = sorted(p for p in fs.find(root) if p.endswith(".parquet"))
+        files = storage.parquet_files(fs, root)
     except Exception as exc:  # noqa: BLE001 - any backend failure means "no index here"
         raise ConfigError(f"cannot list {storage.redact(index)}/captions: {exc}") from None
     if not files:
@@ -89,10 +89,7 @@ def caption_query_image(
     storage_cfg = storage.resolve_storage(storage_cfg or StorageConfig())
     if model is None:
         fs, root = storage.filesystem(storage.join(index, "captions"), storage_cfg)
-        files = (
-            sorted(p for p in fs.find(root) if p.endswith(".parquet")) if fs.exists(root) else []
-        )
-        for path in files:
+        for path in storage.parquet_files(fs, root):
             with fs.open(path, "rb") as f:
                 column = pq.read_table(f, columns=["model"]).column("model")
             if len(column):

@@ -203,6 +203,13 @@ def check_readable(url: str, cfg: StorageConfig) -> None:
         ) from None
 
 
+def parquet_files(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    """Sorted ``.parquet`` files below ``path`` (empty when it does not exist)."""
+    if not fs.exists(path):
+        return []
+    return sorted(p for p in fs.find(path) if p.endswith(".parquet"))
+
+
 def iter_files(url: str, cfg: StorageConfig) -> Iterator[tuple[str, int | None]]:
     """Yield (url, size) for every file below a prefix, streaming: the listing is never held
     in memory whole (S3 is paged 1,000 keys at a time; other backends walk one folder at a

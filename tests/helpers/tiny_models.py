@@ -27,6 +27,15 @@ from transformers import (
 )
 
 IMAGE_SIZE = 32
+# One tiny vision tower shared by every family (each passes its own copy).
+TINY_VISION = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "image_size": IMAGE_SIZE,
+    "patch_size": 8,
+}
 
 
 def bert_tokenizer() -> BertTokenizerFast:
@@ -37,14 +46,7 @@ def build_tiny_git(folder: Path) -> Path:
     torch.manual_seed(0)
     tok = bert_tokenizer()
     cfg = GitConfig(
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "image_size": IMAGE_SIZE,
-            "patch_size": 8,
-        },
+        vision_config=dict(TINY_VISION),
         vocab_size=tok.vocab_size,
         hidden_size=32,
         intermediate_size=64,
@@ -68,14 +70,7 @@ def build_tiny_blip(folder: Path) -> Path:
     torch.manual_seed(0)
     tok = bert_tokenizer()
     cfg = BlipConfig(
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "image_size": IMAGE_SIZE,
-            "patch_size": 8,
-        },
+        vision_config=dict(TINY_VISION),
         text_config={
             "vocab_size": tok.vocab_size,
             "hidden_size": 32,
@@ -101,14 +96,7 @@ def build_tiny_blip2(folder: Path) -> Path:
     tok = bert_tokenizer()
     num_query_tokens = 4
     cfg = Blip2Config(
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "image_size": IMAGE_SIZE,
-            "patch_size": 8,
-        },
+        vision_config=dict(TINY_VISION),
         qformer_config={
             "vocab_size": tok.vocab_size,
             "hidden_size": 32,
@@ -175,14 +163,7 @@ def build_tiny_clip(folder: Path) -> Path:
             "eos_token_id": 1,
             "pad_token_id": 1,
         },
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "image_size": IMAGE_SIZE,
-            "patch_size": 8,
-        },
+        vision_config=dict(TINY_VISION),
         projection_dim=16,
     )
     image_processor = CLIPImageProcessor(
