@@ -42,5 +42,8 @@ format: $(TEST_STAMP)
 test: lint
 	$(PY) -m pytest
 
+fault: $(TEST_STAMP)
+	$(PY) -m pytest -m fault
+
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache .ruff_cache

@@ -1,6 +1,8 @@
 """The ``raycaption`` command line; jobs/*.py call the same ``main``.
 
-Exit codes: 0 success, 1 the run failed, 2 bad configuration or input (nothing was done).
+Exit codes: 0 success (or nothing left to do), 1 the run failed, 2 bad configuration or input
+(nothing was done), 3 over the error budget (--max-error-rate: good rows are committed, no
+_SUCCESS).
 """
 
 from __future__ import annotations
@@ -9,12 +11,15 @@ import argparse
 import csv
 import json
 import logging
+import signal
 import sys
 from importlib import resources
 from pathlib import Path
 
 from raycaption.config import (
     DEFAULT_EXTENSIONS,
+    IMAGE_ID_MODES,
+    BackfillConfig,
     CaptionConfig,
     ClipConfig,
     ComputeConfig,
@@ -29,8 +34,9 @@ from raycaption.errors import ConfigError
 
 logger = logging.getLogger("raycaption")
 
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_OVER_BUDGET = 0, 1, 2, 3
 _C, _M, _E, _T, _CL = ComputeConfig(), ModelConfig(), EmbedConfig(), TagConfig(), ClipConfig()
+_B = BackfillConfig()
 
 
 def _add_caption_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
@@ -81,6 +87,14 @@ def _add_caption_options(p: argparse.ArgumentParser, demo: bool = False) -> None
     g.add_argument(
         "--run-id", metavar="ID", help="run id recorded in every row (default: time+random)"
     )
+    g.add_argument(
+        "--rows-per-file",
+        type=int,
+        default=_C.rows_per_file,
+        metavar="N",
+        help="rows per output Parquet file (default: %(default)s)",
+    )
+    _add_backfill_options(p, demo)
 
     g = p.add_argument_group("model")
     g.add_argument(
@@ -233,6 +247,72 @@ def _add_caption_options(p: argparse.ArgumentParser, demo: bool = False) -> None
         help="extra fsspec option, e.g. s3.requester_pays=true (repeatable)",
     )
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+
+def _add_backfill_options(p: argparse.ArgumentParser, demo: bool) -> None:
+    g = p.add_argument_group(
+        "backfills (a run skips inputs that already have a committed row under the same "
+        "model, prompt, generation settings and code version)"
+    )
+    g.add_argument(
+        "--force", action="store_true", help="redo every input, replacing its committed row"
+    )
+    g.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="process only inputs whose committed row is in the errors table; a success "
+        "replaces the error row",
+    )
+    g.add_argument(
+        "--max-error-rate",
+        type=float,
+        metavar="X",
+        help="error budget, e.g. 0.05: above this share of error rows among the inputs, good "
+        "rows stay committed but no _SUCCESS is written and the exit code is 3",
+    )
+    g.add_argument(
+        "--image-id",
+        choices=IMAGE_ID_MODES,
+        default=_B.image_id,
+        help="uri: the id hashes the object's URI; content: it hashes the bytes, so renamed "
+        "or copied objects are not captioned again (default: %(default)s)",
+    )
+    if demo:
+        return
+    g.add_argument(
+        "--partition-key",
+        metavar="KEY",
+        help="hive-style folder key under --input, e.g. dt for dt=2026-11-21/ (default: "
+        "detected when every top-level folder is KEY=VALUE); the output is partitioned the "
+        "same way",
+    )
+    g.add_argument("--since", metavar="VALUE", help="first partition value to process (inclusive)")
+    g.add_argument("--until", metavar="VALUE", help="last partition value to process (inclusive)")
+    g.add_argument(
+        "--partitions", metavar="V1,V2", help="exactly these partition values (comma-separated)"
+    )
+    g.add_argument(
+        "--replay",
+        metavar="RUN_ID",
+        help="use the input listing saved by that earlier run (exactly the same inputs) "
+        "instead of listing --input again",
+    )
+    g.add_argument(
+        "--commit-every",
+        type=float,
+        default=_B.commit_every_s,
+        metavar="SECONDS",
+        help="commit finished files this often; a crash loses at most this much work "
+        "(default: %(default)s)",
+    )
+    g.add_argument(
+        "--gpu-wait",
+        type=float,
+        default=_B.gpu_wait_s,
+        metavar="SECONDS",
+        help="fail if the cluster has not got the requested GPUs after this long "
+        "(default: %(default)s)",
+    )
 
 
 def _add_text_options(p: argparse.ArgumentParser) -> None:
@@ -441,6 +521,21 @@ def config_from_args(args: argparse.Namespace) -> CaptionConfig:
         max_image_bytes=args.max_image_bytes,
         max_image_pixels=args.max_image_pixels,
         read_retries=args.read_retries,
+        rows_per_file=args.rows_per_file,
+    )
+    parts = getattr(args, "partitions", None)
+    backfill = BackfillConfig(
+        force=args.force,
+        retry_failed=args.retry_failed,
+        max_error_rate=args.max_error_rate,
+        image_id=args.image_id,
+        partition_key=getattr(args, "partition_key", None),
+        since=getattr(args, "since", None),
+        until=getattr(args, "until", None),
+        partitions=tuple(v.strip() for v in parts.split(",") if v.strip()) if parts else (),
+        replay=getattr(args, "replay", None),
+        commit_every_s=getattr(args, "commit_every", _B.commit_every_s),
+        gpu_wait_s=getattr(args, "gpu_wait", _B.gpu_wait_s),
     )
     store = StorageConfig(endpoint_url=args.s3_endpoint_url, region=args.s3_region, options=options)
     embed, tags = _text_configs(args)
@@ -455,6 +550,7 @@ def config_from_args(args: argparse.Namespace) -> CaptionConfig:
         ),
         storage=store,
         compute=compute,
+        backfill=backfill,
     )
     if args.run_id:
         cfg.run_id = args.run_id
@@ -492,14 +588,21 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
         return run_caption(cfg)
 
+    _stop_on_sigterm()
     summary, code = _guarded(run)
     if code != EXIT_OK:
         return code
-    print(
-        f"run {summary.run_id}: {summary.captioned} captioned, {summary.errors} errors "
-        f"of {summary.inputs} inputs in {summary.seconds:.1f}s "
-        f"({summary.images_per_second:.1f} images/s)"
-    )
+    if summary.status == "up_to_date":
+        print(
+            f"run {summary.run_id}: nothing to do, all {summary.inputs} inputs already have "
+            f"committed rows (--force redoes them, --retry-failed retries the errors)"
+        )
+    else:
+        print(
+            f"run {summary.run_id}: {summary.captioned} captioned, {summary.errors} errors "
+            f"of {summary.processed} inputs processed ({summary.already_done} already done) "
+            f"in {summary.seconds:.1f}s ({summary.images_per_second:.1f} images/s)"
+        )
     if summary.errors_by_code:
         print(
             "errors by code: "
@@ -509,22 +612,38 @@ def main(argv: list[str] | None = None) -> int:
         f"output: {summary.output}/captions/, {summary.output}/errors/, {summary.output}/summary.json"
     )
     if args.command == "demo":
-        _print_demo_captions(cfg.output, summary.run_id, args.show)
+        _print_demo_captions(cfg.output, args.show)
     return EXIT_OK
 
 
 def _guarded(run):
     """Run a command body: (result, 0), or (None, 2) for bad configuration or input, or
     (None, 1) for any other failure, each with a one-line message on stderr."""
+    from raycaption.pipeline import OverBudgetError
+
     try:
         return run(), EXIT_OK
     except ConfigError as exc:
         print(f"raycaption: error: {exc}", file=sys.stderr)
         return None, EXIT_CONFIG
+    except OverBudgetError as exc:
+        print(f"raycaption: over the error budget: {exc}", file=sys.stderr)
+        return None, EXIT_OVER_BUDGET
     except Exception as exc:
         logger.exception("run failed")
         print(f"raycaption: run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return None, EXIT_FAILED
+
+
+def _stop_on_sigterm() -> None:
+    """`ray job stop` sends SIGTERM: unwind (finished files get committed) instead of dying
+    mid-statement; Ray follows with SIGKILL if that takes too long."""
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, handler)
 
 
 def _retag(args: argparse.Namespace) -> int:
@@ -588,7 +707,7 @@ def _search(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _print_demo_captions(output: str, run_id: str, n: int) -> None:
+def _print_demo_captions(output: str, n: int) -> None:
     import pyarrow.dataset as pads
 
     truth_file = bundled("samples") / "captions.csv"
@@ -597,7 +716,7 @@ def _print_demo_captions(output: str, run_id: str, n: int) -> None:
         with truth_file.open() as f:
             truth = {row["filename"]: row["caption"] for row in csv.DictReader(f)}
     table = pads.dataset(str(Path(output) / "captions"), format="parquet").to_table(
-        columns=["source_uri", "caption"], filter=pads.field("run_id") == run_id
+        columns=["source_uri", "caption"]
     )
     uris, captions = table.column("source_uri").to_pylist(), table.column("caption").to_pylist()
     rows = sorted(zip(uris, captions, strict=True))

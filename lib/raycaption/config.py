@@ -38,6 +38,10 @@ RESERVED_COLUMNS = frozenset(
         "height",
         "model",
         "run_id",
+        "fingerprint",
+        "content_sha256",
+        "partition",
+        "todo",
         "stage",
         "error_code",
         "error_message",
@@ -144,6 +148,8 @@ class ComputeConfig:
         max_image_pixels: Larger images become ``decompression_bomb`` error rows undecoded.
         listing_shard_rows: Rows per listing shard written by the driver (bounds its memory).
         read_retries: Attempts per object for transient storage errors.
+        rows_per_file: Rows per output Parquet file (fewer means more, smaller files but
+            finer-grained commits).
         quiet: Hide Ray's own progress and worker logs (the demo sets it).
     """
 
@@ -157,6 +163,7 @@ class ComputeConfig:
     max_image_pixels: int = 100_000_000
     listing_shard_rows: int = 100_000
     read_retries: int = 3
+    rows_per_file: int = 2048
     quiet: bool = False
 
 
@@ -213,6 +220,66 @@ class ClipConfig:
     top_k: int = 5
 
 
+IMAGE_ID_MODES = ("uri", "content")
+
+
+@dataclass
+class BackfillConfig:
+    """What a run does about rows already committed by earlier runs.
+
+    Attributes:
+        force: Redo every listed input, replacing its committed row.
+        retry_failed: Process only inputs whose committed row is in the errors table.
+        max_error_rate: Above this share of error rows among processed inputs, the good rows
+            stay committed but no ``_SUCCESS`` is written and the exit code is 3.
+        image_id: ``uri`` (hash of the redacted URI) or ``content`` (hash of the bytes, so a
+            renamed or copied object is not captioned twice).
+        partition_key: Hive-style folder key (``dt`` for ``dt=2026-11-21/``) of the input
+            prefix; None detects it when every top-level folder is ``<key>=<value>``.
+        since: First partition value to process (inclusive, compared as text).
+        until: Last partition value to process (inclusive, compared as text).
+        partitions: Exactly these partition values.
+        replay: A run id whose saved listing is used instead of listing the input again.
+        commit_every_s: Seconds between incremental commits (0 commits every finished block).
+        gpu_wait_s: How long to wait for the requested GPUs before failing.
+    """
+
+    force: bool = False
+    retry_failed: bool = False
+    max_error_rate: float | None = None
+    image_id: str = "uri"
+    partition_key: str | None = None
+    since: str | None = None
+    until: str | None = None
+    partitions: tuple[str, ...] = ()
+    replay: str | None = None
+    commit_every_s: float = 30.0
+    gpu_wait_s: float = 60.0
+
+    def problems(self) -> list[str]:
+        """Every inconsistent option, as messages naming the flag."""
+        out = []
+        if self.force and self.retry_failed:
+            out.append("--force and --retry-failed cannot be combined")
+        if self.max_error_rate is not None and not 0.0 <= self.max_error_rate <= 1.0:
+            out.append("--max-error-rate must be between 0 and 1")
+        if self.image_id not in IMAGE_ID_MODES:
+            out.append(f"--image-id must be one of {', '.join(IMAGE_ID_MODES)}")
+        if self.partitions and (self.since or self.until):
+            out.append("--partitions cannot be combined with --since/--until")
+        if self.since and self.until and self.since > self.until:
+            out.append(f"--since {self.since!r} is after --until {self.until!r}")
+        if self.partition_key is not None and not self.partition_key.isidentifier():
+            out.append("--partition-key must be a plain name such as dt")
+        if self.commit_every_s < 0 or self.gpu_wait_s < 0:
+            out.append("--commit-every and --gpu-wait must be >= 0")
+        return out
+
+    @property
+    def selects_partitions(self) -> bool:
+        return bool(self.since or self.until or self.partitions)
+
+
 @dataclass
 class CaptionConfig:
     """Everything one caption run needs."""
@@ -225,6 +292,7 @@ class CaptionConfig:
     clip: ClipConfig = field(default_factory=ClipConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
+    backfill: BackfillConfig = field(default_factory=BackfillConfig)
     run_id: str = field(default_factory=new_run_id)
 
     def validate(self) -> CaptionConfig:
@@ -273,12 +341,21 @@ class CaptionConfig:
             problems.append("listing_shard_rows must be >= 1")
         if c.read_retries < 1:
             problems.append("--read-retries must be >= 1")
+        if c.rows_per_file < 1:
+            problems.append("--rows-per-file must be >= 1")
         if self.input.limit is not None and self.input.limit < 1:
             problems.append("--limit must be >= 1")
         if not self.input.extensions:
             problems.append("--extensions must name at least one extension")
         if self.model.prompt is not None:
             problems.extend(_check_prompt(self.model.prompt))
+        problems.extend(self.backfill.problems())
+        if self.backfill.selects_partitions and manifest_like(self.input):
+            problems.append(
+                "--since/--until/--partitions select folders of a prefix, not a manifest"
+            )
+        if self.backfill.replay and self.backfill.selects_partitions:
+            problems.append("--replay reuses a saved listing; it cannot select partitions")
         if problems:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
         return self
@@ -286,6 +363,14 @@ class CaptionConfig:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly copy for the run summary (holds no credentials by construction)."""
         return dataclasses.asdict(self)
+
+
+def manifest_like(inp: InputConfig) -> bool:
+    """True when the input names a manifest file rather than a prefix."""
+    if inp.manifest is not None:
+        return inp.manifest
+    suffix = "." + inp.uri.split("?")[0].rstrip("/").rsplit(".", 1)[-1].lower()
+    return "." in inp.uri.rsplit("/", 1)[-1] and suffix in MANIFEST_SUFFIXES
 
 
 def prompt_fields(template: str) -> list[str]:

@@ -1,12 +1,16 @@
 """Wire the stages into one streaming Ray Data job and return a run summary.
 
-check config, input and model (seconds, no weights)  ->  list inputs into shards
-read (CPU tasks) -> decode + resize (CPU tasks) -> caption (actor pool) -> commit
+check config, input and model (seconds, no weights) -> finish interrupted commits, index the
+committed rows -> list inputs into shards, marking what still needs doing ->
+read (CPU tasks) -> decode + resize (CPU tasks) -> caption (actor pool) -> write (CPU tasks)
+-> the driver commits finished files every few seconds -> account for every input ->
+``_SUCCESS``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -14,21 +18,41 @@ import sys
 import time
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 import raycaption
 from raycaption import storage
-from raycaption.config import CaptionConfig, TagRunConfig
+from raycaption.commit import FAILED, FRESH, STALE, Committer, TableIndex, id_keys
+from raycaption.config import BackfillConfig, CaptionConfig, TagRunConfig
 from raycaption.errors import ConfigError
 from raycaption.images import DecodeLimits
-from raycaption.listing import ListingReport, write_listing
+from raycaption.listing import ListingReport, open_source, write_listing
 from raycaption.models import ModelInfo, inspect_model
 
 logger = logging.getLogger(__name__)
 
 
+# A write that fails (a storage hiccup mid-upload) is retried: a failed attempt leaves at most
+# a partial file in staging, which is never committed.
+WRITE_TASK_OPTIONS = {"max_retries": 3, "retry_exceptions": True}
+
+
 class AccountingError(RuntimeError):
     """Inputs and output rows do not add up: a bug, never silently accepted."""
+
+
+class ResourceError(RuntimeError):
+    """The cluster cannot run the job as configured (no GPUs where GPUs were asked for)."""
+
+
+class OverBudgetError(RuntimeError):
+    """More error rows than ``--max-error-rate`` allows; the good rows stay committed."""
+
+    def __init__(self, message: str, summary: RunSummary):
+        super().__init__(message)
+        self.summary = summary
 
 
 @dataclasses.dataclass
@@ -36,16 +60,25 @@ class RunSummary:
     """The run's outcome, printed and saved as JSON next to the tables."""
 
     run_id: str
-    status: str
+    status: str  # succeeded | up_to_date | over_budget | failed
     output: str
     model: str
     model_family: str
-    inputs: int
+    fingerprint: str
+    inputs: int  # listed (after duplicates were skipped)
+    processed: int  # inputs that went through the pipeline in this run
+    already_done: int  # inputs skipped because a committed row is kept
     captioned: int
     errors: int
     errors_by_code: dict[str, int]
     errors_by_stage: dict[str, int]
+    replaced: int  # older committed rows this run replaced
+    same_content: int  # inputs skipped because their bytes were captioned under another URI
     duplicates_skipped: int
+    partitions: list[str]
+    table_errors: int  # error rows the selected inputs have in the table after this run
+    error_rate: float
+    commits: int
     new_tags: dict[str, int]
     tag_vocabulary: str | None
     seconds: float
@@ -112,84 +145,198 @@ def _check_writable(cfg: CaptionConfig) -> None:
         ) from None
 
 
+def fingerprint(cfg: CaptionConfig) -> tuple[str, dict[str, Any]]:
+    """What makes a caption what it is: model, revision, prompt, generation settings and the
+    code version. A committed caption with another fingerprint is stale."""
+    spec = {
+        "model": cfg.model.name,
+        "revision": cfg.model.revision,
+        "prompt": cfg.model.prompt,
+        "generation": cfg.model.generation_kwargs(),
+        "dtype": cfg.model.dtype,
+        "raycaption": raycaption.__version__,
+    }
+    text = json.dumps(spec, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16], spec
+
+
+def select_todo(backfill: BackfillConfig, index: TableIndex):
+    """The resume filter: which listed ids still need processing."""
+    content = backfill.image_id == "content"
+
+    def select(ids: pa.Array) -> np.ndarray:
+        keys = id_keys(ids)
+        if backfill.force:
+            return np.ones(len(keys), dtype=bool)
+        if content:  # listing ids are URI ids; the table knows each row's source URI
+            if backfill.retry_failed:
+                return index.contains_uri(keys, (FAILED,))
+            return ~index.contains_uri(keys, (FRESH, FAILED))
+        if backfill.retry_failed:
+            return index.contains(keys, (FAILED,))
+        return ~index.contains(keys, (FRESH, FAILED))
+
+    return select
+
+
 def run_caption(cfg: CaptionConfig) -> RunSummary:
-    """Run one caption job end to end; raise ConfigError before any work on bad input."""
+    """Run one caption job end to end; raise ConfigError before any work on bad input.
+
+    Resumes by default: inputs with a committed row under the current fingerprint are
+    skipped. Raises OverBudgetError (rows kept, no ``_SUCCESS``) past ``--max-error-rate``.
+    """
+    from raycaption.sink import ERROR_SCHEMA, WriteSpec, WriteTotals, caption_schema
+
     started = time.perf_counter()
     cfg, info = prepare(cfg)
     embedding, vocabulary = text_models(cfg)
     image_embedding = clip_spec(cfg)
-    run_dir = storage.join(cfg.output, "_runs", cfg.run_id)
-    listing = write_listing(cfg, storage.join(run_dir, "listing"))
-    logger.info("model %s (%s); %d inputs", cfg.model.name, info.family, listing.rows)
-    from raycaption.sink import CommitDatasink, commit
-
-    sink = CommitDatasink(
-        cfg.output,
-        cfg.run_id,
-        cfg.model.name,
-        listing.extra_schema,
-        cfg.storage,
-        embedding,
-        frozenset(vocabulary.words) if vocabulary and cfg.tags.enabled else None,
-        image_embedding,
+    source = open_source(cfg)
+    fp, fp_spec = fingerprint(cfg)
+    b = cfg.backfill
+    content = b.image_id == "content"
+    scope = source.partitions if source.partition_key else None
+    committer = Committer(
+        cfg.output, cfg.storage, cfg.run_id, TableIndex(fp, with_uris=content), scope
     )
+    index = committer.open()
+    run_dir = storage.join(cfg.output, "_runs", cfg.run_id)
+    listing = write_listing(cfg, storage.join(run_dir, "listing"), select_todo(b, index), source)
+    logger.info(
+        "model %s (%s); %d inputs, %d to process",
+        cfg.model.name,
+        info.family,
+        listing.rows,
+        listing.todo,
+    )
+    vocab_words = frozenset(vocabulary.words) if vocabulary and cfg.tags.enabled else None
+    spec = WriteSpec(
+        output=cfg.output,
+        run_id=cfg.run_id,
+        model=cfg.model.name,
+        schema=caption_schema(
+            listing.extra_schema, embedding, vocab_words is not None, image_embedding
+        ),
+        storage_cfg=cfg.storage,
+        fingerprint=fp,
+        vocabulary=vocab_words,
+    )
+    totals = WriteTotals()
     actors: dict[str, Any] = {}
-    if listing.rows:
-        actors = _execute(cfg, info, sink, listing, vocabulary)
-        committed = sink.committed
-    else:
-        logger.warning("no inputs matched under %s", storage.redact(cfg.input.uri))
-        committed = commit(sink, [])
+    if listing.todo:
+        committer.clear_success()
+        done_content = index.keys_of_kind((FRESH,)) if content and not b.force else None
+        actors = _execute(cfg, info, listing, vocabulary, spec, committer, totals, done_content)
+    committer.ensure_tables({"captions": spec.schema, "errors": ERROR_SCHEMA})
+    committer.finish()
     seconds = time.perf_counter() - started
-    captioned = committed.captioned
-    errors = sum(committed.error_codes.values())
+    table_errors, missing = _account(cfg, listing, committer, totals)
+    rate = table_errors / listing.rows if listing.rows else 0.0
     summary = RunSummary(
         run_id=cfg.run_id,
         status="succeeded",
         output=storage.redact(cfg.output),
         model=cfg.model.name,
         model_family=info.family,
+        fingerprint=fp,
         inputs=listing.rows,
-        captioned=captioned,
-        errors=errors,
-        errors_by_code=dict(committed.error_codes),
-        errors_by_stage=dict(committed.error_stages),
+        processed=listing.todo,
+        already_done=listing.rows - listing.todo,
+        captioned=totals.captioned,
+        errors=totals.errors,
+        errors_by_code=dict(totals.error_codes),
+        errors_by_stage=dict(totals.error_stages),
+        replaced=committer.stats.replaced,
+        same_content=totals.same_content,
         duplicates_skipped=listing.duplicates_skipped,
-        new_tags=dict(committed.new_tags.most_common(100)),
+        partitions=listing.partitions,
+        table_errors=table_errors,
+        error_rate=round(rate, 6),
+        commits=committer.stats.commits,
+        new_tags=dict(totals.new_tags.most_common(100)),
         tag_vocabulary=vocabulary.version if vocabulary else None,
         seconds=round(seconds, 3),
-        images_per_second=round(listing.rows / seconds, 3) if seconds else 0.0,
+        images_per_second=round(listing.todo / seconds, 3) if seconds else 0.0,
         caption_actors=actors,
         versions=_versions(),
-        config=cfg.to_dict(),
+        config={**cfg.to_dict(), "fingerprint_spec": fp_spec},
     )
-    if captioned + errors != listing.rows:
+    written = totals.captioned + totals.errors + totals.same_content
+    if written != listing.todo or missing:
         summary.status = "failed"
         _save_summary(cfg, run_dir, summary)
         raise AccountingError(
-            f"{listing.rows} inputs but {captioned} captions + {errors} errors were written"
+            f"{listing.todo} inputs to process but {totals.captioned} captions + "
+            f"{totals.errors} errors + {totals.same_content} same-content skips were written; "
+            f"{missing} listed inputs have no committed row"
         )
+    if b.max_error_rate is not None and rate > b.max_error_rate:
+        summary.status = "over_budget"
+        _save_summary(cfg, run_dir, summary)
+        raise OverBudgetError(
+            f"{table_errors} of {listing.rows} inputs are errors ({rate:.1%}), over "
+            f"--max-error-rate {b.max_error_rate:.1%}: good rows are committed, no _SUCCESS",
+            summary,
+        )
+    if listing.todo == 0 and committer.fs.exists(committer.success_path()):
+        # Nothing new: leave the output exactly as it was (the listing was only a probe).
+        summary.status = "up_to_date"
+        fs, path = storage.filesystem(run_dir, cfg.storage)
+        fs.rm(path, recursive=True)
+        return summary
     _save_summary(cfg, run_dir, summary)
+    committer.write_success(summary.to_json())  # last: every input is accounted for
     return summary
 
 
-def _execute(cfg: CaptionConfig, info: ModelInfo, sink, listing: ListingReport, vocabulary):
+def _account(cfg: CaptionConfig, listing: ListingReport, committer: Committer, totals) -> tuple:
+    """(error rows the listed inputs have, listed inputs with no committed row) after the
+    run, checked id by id against the committed tables."""
+    index = committer.index
+    if cfg.backfill.image_id == "content":
+        # Listing ids are URI ids; the table is keyed by content. Count what this run did
+        # plus what the listing found already committed.
+        before_errors = 0
+        for keys, _todo in _listing_keys(cfg, listing):
+            before_errors += int(index.contains_uri(keys[~_todo], (FAILED,)).sum())
+        return before_errors + totals.errors, 0
+    errors = missing = 0
+    for keys, _todo in _listing_keys(cfg, listing):
+        caption = index.contains(keys, (FRESH, STALE))
+        failed = index.contains(keys, (FAILED,))
+        errors += int((failed & ~caption).sum())
+        missing += int((~caption & ~failed).sum())
+    return errors, missing
+
+
+def _listing_keys(cfg: CaptionConfig, listing: ListingReport):
+    for shard in listing.shards:
+        fs, path = storage.filesystem(shard, cfg.storage)
+        with fs.open(path, "rb") as f:
+            t = pq.read_table(f, columns=["image_id", "todo"])
+        yield id_keys(t.column("image_id")), t.column("todo").to_numpy(zero_copy_only=False)
+
+
+def _execute(cfg, info, listing, vocabulary, spec, committer, totals, done_content) -> dict:
     import ray
     import ray.data
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-    from raycaption.stages import CaptionActor, decode_batch, read_batch
+    from raycaption.sink import write_block
+    from raycaption.stages import CaptionActor, decode_batch, only_todo, read_batch
 
     _ensure_ray(cfg)
     c = cfg.compute
     num_gpus = c.num_gpus
     if num_gpus is None:
         num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    _wait_for_gpus(num_gpus, cfg.backfill.gpu_wait_s)
     fs, _ = storage.filesystem(listing.shards[0], cfg.storage)
     shards = [storage.filesystem(s, cfg.storage)[1] for s in listing.shards]
     ds = ray.data.read_parquet(
         shards, filesystem=PyFileSystem(FSSpecHandler(fs)), partitioning=None
     )
+    ds = ds.map_batches(only_todo, batch_format="pyarrow", batch_size=None)
     # Small blocks so decode spreads over every CPU even when the listing is one shard.
     ds = ds.repartition(target_num_rows_per_block=c.decode_batch_size)
     ds = ds.map_batches(
@@ -200,6 +347,8 @@ def _execute(cfg: CaptionConfig, info: ModelInfo, sink, listing: ListingReport, 
             "storage_cfg": cfg.storage,
             "max_bytes": c.max_image_bytes,
             "retries": c.read_retries,
+            "content_ids": cfg.backfill.image_id == "content",
+            "done_content": done_content,
         },
     )
     ds = ds.map_batches(
@@ -226,10 +375,58 @@ def _execute(cfg: CaptionConfig, info: ModelInfo, sink, listing: ListingReport, 
             "clip_cfg": cfg.clip,
         },
     )
-    ds.write_datasink(sink)
-    if sink.committed is None:
-        raise RuntimeError("the write finished but the commit step did not run")
+    ds = ds.map_batches(
+        write_block,
+        batch_format="pyarrow",
+        batch_size=c.rows_per_file,
+        fn_kwargs={"spec": spec},
+        **WRITE_TASK_OPTIONS,
+    )
+    stream_commits(ds, committer, totals, cfg.backfill.commit_every_s)
     return {"num_gpus": num_gpus, "num_cpus": c.num_cpus, "min": lo, "max": hi}
+
+
+def stream_commits(ds, committer: Committer, totals, every_s: float) -> None:
+    """Pull write outcomes as blocks finish and commit them every ``every_s`` seconds.
+
+    Files whose write task finished are committed even when the run then fails or is
+    stopped, so a resubmission only redoes what never reached a file.
+    """
+    pending = []
+    last = time.monotonic()
+    try:
+        for outcome in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            pending += totals.staged_files(outcome)
+            if time.monotonic() - last >= every_s:
+                committer.commit(pending)
+                pending, last = [], time.monotonic()
+    finally:
+        committer.commit(pending)
+
+
+def _wait_for_gpus(num_gpus: float, wait_s: float) -> None:
+    """Fail within ``wait_s`` instead of waiting forever for GPUs that never come."""
+    import ray
+
+    if num_gpus <= 0:
+        return
+    deadline = time.monotonic() + wait_s
+    try:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[{"GPU": num_gpus}])  # lets an autoscaler add a node
+    except Exception:  # noqa: BLE001 - no autoscaler: nothing to ask
+        pass
+    while True:
+        have = ray.cluster_resources().get("GPU", 0)
+        if have >= num_gpus:
+            return
+        if time.monotonic() >= deadline:
+            raise ResourceError(
+                f"each caption actor needs {num_gpus:g} GPU(s) but the cluster has {have:g} "
+                f"after waiting {wait_s:.0f}s; add GPU nodes, or run on CPU with --num-gpus 0"
+            )
+        time.sleep(1.0)
 
 
 def _ensure_ray(cfg: CaptionConfig | TagRunConfig) -> None:

@@ -50,8 +50,21 @@ def run_tag(cfg: TagRunConfig) -> dict[str, Any]:
     import ray.data
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-    from raycaption.pipeline import _ensure_ray, text_models
-    from raycaption.sink import CAPTION_FIELDS, CommitDatasink
+    from raycaption.commit import Committer, TableIndex
+    from raycaption.pipeline import (
+        WRITE_TASK_OPTIONS,
+        _ensure_ray,
+        stream_commits,
+        text_models,
+    )
+    from raycaption.sink import (
+        CAPTION_FIELDS,
+        ERROR_SCHEMA,
+        WriteSpec,
+        WriteTotals,
+        caption_schema,
+        write_block,
+    )
     from raycaption.stages import ENRICHED_COLUMNS, STATUS_COLUMNS, TagActor
 
     started = time.perf_counter()
@@ -65,13 +78,17 @@ def run_tag(cfg: TagRunConfig) -> dict[str, Any]:
     owned = {f.name for f in CAPTION_FIELDS} | set(ENRICHED_COLUMNS) | set(STATUS_COLUMNS)
     extra = pa.schema([f for f in schema if f.name not in owned])
     words = frozenset(vocabulary.words) if vocabulary else None
-    sink = CommitDatasink(cfg.output, cfg.run_id, "", extra, cfg.storage, embedding, words)
+    out_schema = caption_schema(extra, embedding, tags=words is not None)
     # Columns carried unchanged keep their schema metadata (CLIP image embedding model/dim).
     carried = {
         k: v for k, v in (schema.metadata or {}).items() if k.startswith(b"raycaption.image_")
     }
     if carried:
-        sink.schema = sink.schema.with_metadata({**(sink.schema.metadata or {}), **carried})
+        out_schema = out_schema.with_metadata({**(out_schema.metadata or {}), **carried})
+    spec = WriteSpec(cfg.output, cfg.run_id, "", out_schema, cfg.storage, None, words)
+    committer = Committer(cfg.output, cfg.storage, cfg.run_id, TableIndex())
+    committer.open()
+    totals = WriteTotals()
     rows = sum(_num_rows(fs, f) for f in files)
     if rows:
         _ensure_ray(cfg)
@@ -91,13 +108,18 @@ def run_tag(cfg: TagRunConfig) -> dict[str, Any]:
                 "vocabulary": vocabulary,
             },
         )
-        ds.write_datasink(sink)
-        committed = sink.committed
-    else:
-        from raycaption.sink import commit
-
-        committed = commit(sink, [])
-    errors = sum(committed.error_codes.values())
+        ds = ds.map_batches(
+            write_block,
+            batch_format="pyarrow",
+            batch_size=cfg.compute.rows_per_file,
+            fn_kwargs={"spec": spec},
+            **WRITE_TASK_OPTIONS,
+        )
+        stream_commits(ds, committer, totals, every_s=30.0)
+    committer.ensure_tables({"captions": out_schema, "errors": ERROR_SCHEMA})
+    committer.finish()
+    committed = totals
+    errors = committed.errors
     summary = {
         "run_id": cfg.run_id,
         "kind": "tag",

@@ -1,27 +1,25 @@
-"""Write and commit: owns every output guarantee.
+"""Output schemas and the write stage.
 
-Write tasks put each block's healthy rows into a captions file and its failed rows into an
-errors file, both under ``_staging/<run_id>/`` where no reader of ``captions/`` or
-``errors/`` looks. Only after every write task has finished does the driver move the files
-into ``captions/`` and ``errors/``, so a crashed run leaves nothing half-visible there.
+Write tasks put each bundle's healthy rows into a captions file and its failed rows into an
+errors file (one per partition folder), under ``_staging/<run_id>/`` where no reader of
+``captions/`` or ``errors/`` looks, and return one small row per file to the driver, which
+commits them (:mod:`raycaption.commit`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
-from ray.data import Datasink
-from ray.data.block import Block, BlockAccessor
 
 from raycaption import storage
+from raycaption.commit import STAGING_DIR, StagedFile, id_keys, write_parquet
 from raycaption.config import StorageConfig
 
 logger = logging.getLogger(__name__)
@@ -34,6 +32,8 @@ CAPTION_FIELDS = [
     pa.field("height", pa.int32()),
     pa.field("model", pa.string()),
     pa.field("run_id", pa.string()),
+    pa.field("fingerprint", pa.string()),
+    pa.field("content_sha256", pa.string()),
 ]
 ERROR_FIELDS = [
     pa.field("image_id", pa.string(), nullable=False),
@@ -42,6 +42,8 @@ ERROR_FIELDS = [
     pa.field("error_code", pa.string()),
     pa.field("error_message", pa.string()),
     pa.field("run_id", pa.string()),
+    pa.field("fingerprint", pa.string()),
+    pa.field("content_sha256", pa.string()),
 ]
 ERROR_SCHEMA = pa.schema(ERROR_FIELDS)
 
@@ -79,143 +81,145 @@ def caption_schema(
     return pa.schema(fields + list(extra), metadata=metadata or None)
 
 
-def write_parquet(table: pa.Table, url: str, storage_cfg: StorageConfig) -> None:
-    """One Parquet file, in the dialect plain pyarrow, DuckDB and Spark all read."""
-    fs, path = storage.filesystem(url, storage_cfg)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(path, "wb") as f:
-        pq.write_table(
-            table,
-            f,
-            compression="snappy",
-            coerce_timestamps="us",  # Spark cannot read nanosecond timestamps
-            allow_truncated_timestamps=True,
-        )
+OUTCOME_SCHEMA = pa.schema(
+    [
+        pa.field("table", pa.string()),  # captions | errors | stats
+        pa.field("path", pa.string()),
+        pa.field("keys", pa.list_(pa.uint64())),
+        pa.field("stats", pa.string()),
+    ]
+)
 
 
 @dataclass
-class WriteOutcome:
-    """What one write task produced (returned to the driver)."""
+class WriteSpec:
+    """Everything a write task needs (shipped to every task)."""
 
-    caption_files: list[str] = field(default_factory=list)
-    error_files: list[str] = field(default_factory=list)
+    output: str
+    run_id: str
+    model: str
+    schema: pa.Schema
+    storage_cfg: StorageConfig
+    fingerprint: str | None = None
+    # None: no tags column; an empty set: tags without a vocabulary (every tag is new).
+    vocabulary: frozenset[str] | None = None
+
+    @property
+    def staging(self) -> str:
+        return storage.join(self.output, STAGING_DIR, self.run_id)
+
+
+def write_block(table: pa.Table, spec: WriteSpec) -> pa.Table:
+    """Write one bundle of rows into staging; return one outcome row per file plus a stats
+    row. Rows marked ``stage == "skipped"`` (already captioned under another URI) are
+    counted, not written."""
+    stats = {
+        "captioned": 0,
+        "error_codes": Counter(),
+        "error_stages": Counter(),
+        "new_tags": Counter(),
+        "same_content": 0,
+    }
+    out = []
+    if table.num_rows:
+        stage = table.column("stage")
+        skipped = pc.fill_null(pc.equal(stage, "skipped"), False)
+        stats["same_content"] = int(pc.sum(skipped).as_py() or 0)
+        table = table.filter(pc.invert(skipped))
+        for part, rows in _by_partition(table):
+            bad = pc.is_valid(rows.column("stage"))
+            ok_rows, bad_rows = rows.filter(pc.invert(bad)), rows.filter(bad)
+            if ok_rows.num_rows:
+                out.append(_write_rows(spec, "captions", part, _caption_table(spec, ok_rows)))
+                stats["captioned"] += ok_rows.num_rows
+                if spec.vocabulary is not None:
+                    for tags in ok_rows.column("tags").to_pylist():
+                        stats["new_tags"].update(t for t in tags or () if t not in spec.vocabulary)
+            if bad_rows.num_rows:
+                out.append(_write_rows(spec, "errors", part, _error_table(spec, bad_rows)))
+                stats["error_codes"].update(bad_rows.column("error_code").to_pylist())
+                stats["error_stages"].update(bad_rows.column("stage").to_pylist())
+    out.append({"table": "stats", "path": None, "keys": None, "stats": json.dumps(stats)})
+    return pa.Table.from_pylist(out, schema=OUTCOME_SCHEMA)
+
+
+def _by_partition(table: pa.Table):
+    if "partition" not in table.column_names:
+        yield None, table
+        return
+    parts = table.column("partition")
+    for value in pc.unique(parts).to_pylist():
+        mask = pc.is_null(parts) if value is None else pc.fill_null(pc.equal(parts, value), False)
+        yield value, table.filter(mask)
+
+
+def _write_rows(spec: WriteSpec, table_name: str, part: str | None, rows: pa.Table) -> dict:
+    folder = storage.join(spec.staging, table_name, *([part] if part else []))
+    url = storage.join(folder, f"part-{spec.run_id}-{uuid.uuid4().hex[:12]}.parquet")
+    fs, path = storage.filesystem(url, spec.storage_cfg)
+    write_parquet(fs, path, rows, fault_point="write")
+    keys = id_keys(rows.column("image_id"))
+    return {"table": table_name, "path": path, "keys": keys.tolist(), "stats": None}
+
+
+def _caption_table(spec: WriteSpec, rows: pa.Table) -> pa.Table:
+    n = rows.num_rows
+    arrays = []
+    for f in spec.schema:
+        if f.name == "run_id":
+            arrays.append(pa.array([spec.run_id] * n, pa.string()))
+        elif f.name in rows.column_names:  # a re-tag keeps the rows' own model etc.
+            arrays.append(rows.column(f.name).cast(f.type))
+        elif f.name == "model":
+            arrays.append(pa.array([spec.model] * n, pa.string()))
+        elif f.name == "fingerprint":
+            arrays.append(pa.array([spec.fingerprint] * n, pa.string()))
+        else:
+            arrays.append(pa.nulls(n, f.type))
+    return pa.Table.from_arrays(arrays, schema=spec.schema)
+
+
+def _error_table(spec: WriteSpec, rows: pa.Table) -> pa.Table:
+    n = rows.num_rows
+    arrays = []
+    for f in ERROR_FIELDS:
+        if f.name == "run_id":
+            arrays.append(pa.array([spec.run_id] * n, pa.string()))
+        elif f.name in rows.column_names:
+            arrays.append(rows.column(f.name).cast(f.type))
+        elif f.name == "fingerprint":
+            arrays.append(pa.array([spec.fingerprint] * n, pa.string()))
+        else:
+            arrays.append(pa.nulls(n, f.type))
+    return pa.Table.from_arrays(arrays, schema=ERROR_SCHEMA)
+
+
+@dataclass
+class WriteTotals:
+    """What the write tasks of a run reported, summed on the driver."""
+
     captioned: int = 0
     error_codes: Counter = field(default_factory=Counter)
     error_stages: Counter = field(default_factory=Counter)
     new_tags: Counter = field(default_factory=Counter)
+    same_content: int = 0
 
+    @property
+    def errors(self) -> int:
+        return sum(self.error_codes.values())
 
-class CommitDatasink(Datasink[WriteOutcome]):
-    """Splits rows into the captions and errors tables and commits them at the end."""
-
-    def __init__(
-        self,
-        output: str,
-        run_id: str,
-        model: str,
-        extra_schema: pa.Schema,
-        storage_cfg: StorageConfig,
-        embedding: tuple[str, int] | None = None,
-        vocabulary: frozenset[str] | None = None,
-        image_embedding: tuple[str, int] | None = None,
-    ):
-        self.output = output.rstrip("/")
-        self.run_id = run_id
-        self.model = model
-        # None: no tags column; an empty set: tags without a vocabulary (every tag is new).
-        self.vocabulary = vocabulary
-        self.schema = caption_schema(
-            extra_schema, embedding, tags=vocabulary is not None, image_embedding=image_embedding
-        )
-        self.storage_cfg = storage_cfg
-        self.staging = storage.join(self.output, "_staging", run_id)
-        self.committed: WriteOutcome | None = None
-
-    def write(self, blocks: Iterable[Block], ctx) -> WriteOutcome:
-        tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
-        tables = [t for t in tables if t.num_rows]
-        outcome = WriteOutcome()
-        if not tables:
-            return outcome
-        table = pa.concat_tables(tables, promote_options="default")
-        failed = pc.is_valid(table.column("stage"))
-        ok_rows = table.filter(pc.invert(failed))
-        bad_rows = table.filter(failed)
-        name = f"part-{self.run_id}-{ctx.task_idx:05d}-{uuid.uuid4().hex[:8]}.parquet"
-        if ok_rows.num_rows:
-            path = storage.join(self.staging, "captions", name)
-            write_parquet(self._caption_table(ok_rows), path, self.storage_cfg)
-            outcome.caption_files.append(path)
-            outcome.captioned = ok_rows.num_rows
-            if self.vocabulary is not None:
-                for tags in ok_rows.column("tags").to_pylist():
-                    outcome.new_tags.update(t for t in tags or () if t not in self.vocabulary)
-        if bad_rows.num_rows:
-            path = storage.join(self.staging, "errors", name)
-            write_parquet(self._error_table(bad_rows), path, self.storage_cfg)
-            outcome.error_files.append(path)
-            outcome.error_codes.update(bad_rows.column("error_code").to_pylist())
-            outcome.error_stages.update(bad_rows.column("stage").to_pylist())
-        return outcome
-
-    def _caption_table(self, rows: pa.Table) -> pa.Table:
-        n = rows.num_rows
-        arrays = []
-        for f in self.schema:
-            if f.name == "run_id":
-                arrays.append(pa.array([self.run_id] * n, pa.string()))
-            elif f.name in rows.column_names:  # a re-tag keeps the rows' own model etc.
-                arrays.append(rows.column(f.name).cast(f.type))
-            elif f.name == "model":
-                arrays.append(pa.array([self.model] * n, pa.string()))
+    def staged_files(self, outcome: pa.Table) -> list[StagedFile]:
+        """Add a batch of outcome rows to the totals; return the files to commit."""
+        files = []
+        for row in outcome.to_pylist():
+            if row["table"] == "stats":
+                s = json.loads(row["stats"])
+                self.captioned += s["captioned"]
+                self.error_codes.update(s["error_codes"])
+                self.error_stages.update(s["error_stages"])
+                self.new_tags.update(s["new_tags"])
+                self.same_content += s["same_content"]
             else:
-                arrays.append(pa.nulls(n, f.type))
-        return pa.Table.from_arrays(arrays, schema=self.schema)
-
-    def _error_table(self, rows: pa.Table) -> pa.Table:
-        n = rows.num_rows
-        run = pa.array([self.run_id] * n, pa.string())
-        arrays = [run if f.name == "run_id" else rows.column(f.name) for f in ERROR_FIELDS]
-        return pa.Table.from_arrays(arrays, schema=ERROR_SCHEMA)
-
-    def on_write_complete(self, write_result: Any) -> None:
-        outcomes = [o for o in write_result.write_returns if o is not None]
-        self.committed = commit(self, outcomes)
-
-    def on_write_failed(self, error: Exception) -> None:
-        logger.error("write failed; nothing from run %s was made visible: %s", self.run_id, error)
-
-
-def commit(sink: CommitDatasink, outcomes: list[WriteOutcome]) -> WriteOutcome:
-    """Move staged files into the visible tables; make sure both tables exist."""
-    total = WriteOutcome()
-    fs, _ = storage.filesystem(sink.output, sink.storage_cfg)
-    for table_name, attr in (("captions", "caption_files"), ("errors", "error_files")):
-        final_dir = storage.join(sink.output, table_name)
-        fs.makedirs(_path(final_dir, sink), exist_ok=True)
-        moved = []
-        for o in outcomes:
-            for src in getattr(o, attr):
-                dst = storage.join(final_dir, src.rsplit("/", 1)[1])
-                fs.mv(_path(src, sink), _path(dst, sink))
-                moved.append(dst)
-        if not moved:
-            # An empty file keeps the table readable (with its schema) even with no rows.
-            dst = storage.join(final_dir, f"part-{sink.run_id}-empty.parquet")
-            schema = sink.schema if table_name == "captions" else ERROR_SCHEMA
-            write_parquet(schema.empty_table(), dst, sink.storage_cfg)
-            moved.append(dst)
-        setattr(total, attr, moved)
-    for o in outcomes:
-        total.captioned += o.captioned
-        total.error_codes.update(o.error_codes)
-        total.error_stages.update(o.error_stages)
-        total.new_tags.update(o.new_tags)
-    staging = _path(sink.staging, sink)
-    if fs.exists(staging):
-        fs.rm(staging, recursive=True)
-    return total
-
-
-def _path(url: str, sink: CommitDatasink) -> str:
-    return storage.filesystem(url, sink.storage_cfg)[1]
+                keys = np.array(row["keys"], dtype=np.uint64)
+                files.append(StagedFile(row["path"], row["table"], keys))
+        return files

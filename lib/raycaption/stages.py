@@ -8,6 +8,7 @@ once, as a caption or as an error.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from raycaption import storage
+from raycaption import faults, storage
 from raycaption.config import (
     ClipConfig,
     EmbedConfig,
@@ -57,10 +58,25 @@ def _with_status(table: pa.Table, stage: list, code: list, message: list) -> pa.
     return table
 
 
+def only_todo(table: pa.Table) -> pa.Table:
+    """Keep the listing rows the run still has to process (the resume filter)."""
+    return table.filter(table.column("todo")).drop_columns(["todo"])
+
+
 def read_batch(
-    table: pa.Table, storage_cfg: StorageConfig, max_bytes: int, retries: int
+    table: pa.Table,
+    storage_cfg: StorageConfig,
+    max_bytes: int,
+    retries: int,
+    content_ids: bool = False,
+    done_content: np.ndarray | None = None,
 ) -> pa.Table:
-    """Fetch each object's bytes (threads overlap storage latency); failures -> error rows."""
+    """Fetch each object's bytes (threads overlap storage latency); failures -> error rows.
+
+    Adds ``content_sha256``. With ``content_ids`` the image id becomes the content hash, and a
+    row whose content already has a current caption (``done_content`` keys) is marked
+    ``skipped`` so no model sees it again.
+    """
     stage, code, message = _status(table)
     shown = table.column("source_uri").to_pylist()
     fetch = table.column("fetch_uri").to_pylist()
@@ -83,7 +99,21 @@ def read_batch(
     else:
         for i in todo:
             fetch(i)
+    digests = [hashlib.sha256(d).hexdigest() if d is not None else None for d in data]
     table = table.append_column("data", pa.array(data, pa.large_binary()))
+    table = table.append_column("content_sha256", pa.array(digests, pa.string()))
+    if content_ids:
+        ids = table.column("image_id").to_pylist()
+        ids = [d[:32] if d else i for d, i in zip(digests, ids, strict=True)]
+        col = table.column_names.index("image_id")
+        table = table.set_column(col, "image_id", pa.array(ids, pa.string()))
+        if done_content is not None and len(done_content):
+            from raycaption.commit import id_keys
+
+            seen = np.isin(id_keys(ids), done_content)
+            for i in np.flatnonzero(seen):
+                if stage[i] is None:
+                    stage[i], code[i], message[i] = "skipped", "same_content", None
     return _with_status(table, stage, code, message)
 
 
@@ -274,6 +304,7 @@ class CaptionActor:
         logger.info("caption actor ready in %.1fs", time.perf_counter() - started)
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        faults.maybe_fault("caption")
         stage, code, message = _status(table)
         captions: list[str | None] = [None] * table.num_rows
         todo = [i for i in range(table.num_rows) if stage[i] is None]

@@ -139,6 +139,13 @@ def _strip(url: str) -> str:
     return cls._strip_protocol(url)
 
 
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """True for the local disk (where ``os`` calls give atomic create and rename)."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    return isinstance(fs, LocalFileSystem)
+
+
 def join(base: str, *parts: str) -> str:
     """Join URL path parts with ``/`` (works for local paths and every protocol)."""
     out = base.rstrip("/")

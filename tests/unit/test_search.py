@@ -46,6 +46,8 @@ def write_index(folder, embedder, captions, per_file=3, null_at=()):
                 pa.array([10] * len(idx), pa.int32()),
                 pa.array(["m"] * len(idx)),
                 pa.array(["r"] * len(idx)),
+                pa.array(["fp"] * len(idx)),
+                pa.nulls(len(idx), pa.string()),
                 embeddings_to_arrow(vectors[idx], valid),
             ],
             schema=schema,
