@@ -116,3 +116,62 @@ def test_job_with_bad_config_fails_fast_with_exit_code(head_node, tmp_path):
     )  # fmt: skip
     assert proc.returncode != 0
     assert "does not exist" in proc.stdout + proc.stderr
+
+
+@pytest.mark.fault
+def test_ray_job_stop_keeps_committed_rows_and_the_next_submission_resumes(
+    head_node, tiny_models, tmp_path
+):
+    import json
+    import time
+    from collections import Counter
+
+    address, env = head_node
+    images = tmp_path / "images"
+    images.mkdir()
+    data = make_image_cases()["ok_rgb_jpeg"][0]
+    for i in range(40):  # same pixels, distinct objects: 40 distinct ids
+        (images / f"img{i:03d}.jpg").write_bytes(data)
+    out = tmp_path / "out"
+    args = [
+        "python", "jobs/caption.py",
+        "--input", str(images), "--output", str(out), "--model", str(tiny_models["git"]),
+        "--max-new-tokens", "4", "--no-embeddings", "--no-tags", "--batch-size", "2",
+        "--decode-batch-size", "4", "--rows-per-file", "4", "--commit-every", "0",
+    ]  # fmt: skip
+    slow = {"RAYCAPTION_FAULTS": "caption_delay:1000", "RAYCAPTION_FAULT_DIR": str(tmp_path / "f")}
+    job_id = f"stop-test-{os.getpid()}"
+    proc = subprocess.run(
+        [RAY, "job", "submit", "--address", address, "--working-dir", ".", "--no-wait",
+         "--submission-id", job_id, "--runtime-env-json", json.dumps({"env_vars": slow}),
+         "--", *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if (out / "_commits").exists() and len(list((out / "_commits").glob("*.json"))) >= 2:
+            break
+        time.sleep(0.3)
+    stop = subprocess.run(
+        [RAY, "job", "stop", "--address", address, job_id],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert stop.returncode == 0, stop.stderr[-2000:]
+    status = subprocess.run(
+        [RAY, "job", "status", "--address", address, job_id],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert "was stopped" in status.stdout + status.stderr
+    committed = pq.read_table(out / "captions").column("image_id").to_pylist()
+    assert 0 < len(committed) < 40 and len(set(committed)) == len(committed)
+    assert not (out / "_SUCCESS").exists()
+
+    again = submit(address, env, *args)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["already_done"] == len(committed)
+    assert summary["processed"] == 40 - len(committed)
+    counts = Counter(pq.read_table(out / "captions").column("image_id").to_pylist())
+    assert len(counts) == 40 and set(counts.values()) == {1}
+    assert (out / "_SUCCESS").exists()
