@@ -273,3 +273,26 @@ def test_run_ids_sort_by_time(monkeypatch):
     assert sorted(reversed(ids)) == ids
     assert ids[0].startswith("20240930T235959Z-")
     assert ids[-1].startswith("20250102T030405Z-")
+
+
+@pytest.mark.parametrize(
+    ("changes", "option"),
+    [
+        ({"backfill.force": True, "backfill.retry_failed": True}, "--force and --retry-failed"),
+        ({"backfill.max_error_rate": 1.5}, "--max-error-rate"),
+        ({"backfill.image_id": "path"}, "--image-id"),
+        ({"backfill.since": "2026-11-22", "backfill.until": "2026-11-01"}, "--since"),
+        ({"backfill.partitions": ("a",), "backfill.since": "b"}, "--partitions"),
+        ({"backfill.partition_key": "dt/x"}, "--partition-key"),
+        ({"backfill.commit_every_s": -1}, "--commit-every"),
+        ({"compute.rows_per_file": 0}, "--rows-per-file"),
+        ({"backfill.replay": "r1", "backfill.since": "a"}, "--replay"),
+    ],
+)
+def test_bad_backfill_options_are_named(changes, option):
+    assert option in problems(valid(**changes))
+
+
+def test_partition_selection_needs_a_prefix_not_a_manifest():
+    cfg = valid(**{"input.uri": "s3://bucket/list.parquet", "backfill.since": "2026-11-01"})
+    assert "not a manifest" in problems(cfg)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -506,3 +507,53 @@ def test_prefix_on_s3(s3, tmp_path):
         f"s3://{s3.bucket}/listing-prefix/a.jpg": 3,
         f"s3://{s3.bucket}/listing-prefix/x/b.PNG": 5,
     }
+
+
+def partitioned_tree(tmp_path: Path) -> Path:
+    root = tmp_path / "images"
+    for day in ("2026-11-20", "2026-11-21", "2026-11-22"):
+        (root / f"dt={day}" / "sub").mkdir(parents=True)
+        (root / f"dt={day}" / "a.jpg").write_bytes(b"x")
+        (root / f"dt={day}" / "sub" / "b.jpg").write_bytes(b"x")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("selection", "expected"),
+    [
+        ({}, ["dt=2026-11-20", "dt=2026-11-21", "dt=2026-11-22"]),
+        ({"since": "2026-11-21"}, ["dt=2026-11-21", "dt=2026-11-22"]),
+        ({"until": "2026-11-20"}, ["dt=2026-11-20"]),
+        ({"since": "2026-11-21", "until": "2026-11-21"}, ["dt=2026-11-21"]),
+        ({"partitions": ("2026-11-22", "2026-11-20")}, ["dt=2026-11-20", "dt=2026-11-22"]),
+    ],
+)
+def test_hive_partitions_are_detected_and_selected(tmp_path, selection, expected):
+    cfg = make_cfg(str(partitioned_tree(tmp_path)), tmp_path)
+    for key, value in selection.items():
+        setattr(cfg.backfill, key, value)
+    report, table = run(cfg, tmp_path)
+    assert report.partition_key == "dt" and report.partitions == expected
+    assert sorted(set(table.column("partition").to_pylist())) == expected
+    assert report.rows == 2 * len(expected)  # files below sub-folders are listed too
+    assert all(table.column("todo").to_pylist())
+
+
+def test_partition_selection_errors_are_config_errors(tmp_path, image_tree):
+    cfg = make_cfg(str(image_tree), tmp_path)
+    cfg.backfill.since = "2026-11-01"
+    with pytest.raises(ConfigError, match="<key>=<value> folders"):
+        write_listing(cfg, str(tmp_path / "listing"))
+    cfg = make_cfg(str(partitioned_tree(tmp_path / "other")), tmp_path)
+    cfg.backfill.partitions = ("2026-12-31",)
+    with pytest.raises(ConfigError, match="not found"):
+        write_listing(cfg, str(tmp_path / "listing2"))
+
+
+def test_the_select_filter_marks_todo_rows(tmp_path, image_tree):
+    cfg = make_cfg(str(image_tree), tmp_path)
+    report = write_listing(
+        cfg, str(tmp_path / "listing"), select=lambda ids: np.arange(len(ids)) % 2 == 0
+    )
+    table = pq.read_table(report.shards[0])
+    assert report.todo == sum(table.column("todo").to_pylist()) == (report.rows + 1) // 2
