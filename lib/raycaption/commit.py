@@ -56,6 +56,13 @@ ORPHAN_AGE_S = 24 * 3600.0
 FRESH, STALE, FAILED = 0, 1, 2  # TableIndex.kind: caption (current fingerprint), caption, error
 
 
+def _member(keys: np.ndarray, sorted_unique: np.ndarray) -> np.ndarray:
+    if not len(sorted_unique):
+        return np.zeros(len(keys), dtype=bool)
+    pos = np.searchsorted(sorted_unique, keys).clip(0, len(sorted_unique) - 1)
+    return sorted_unique[pos] == keys
+
+
 def id_keys(ids: list[str] | pa.Array | pa.ChunkedArray) -> np.ndarray:
     """The first 8 bytes of each hex image id as uint64: compact keys for the resume set."""
     if not isinstance(ids, list):
@@ -80,6 +87,7 @@ class TableIndex:
         self.kind = np.empty(0, np.int8)
         self.uri_keys = np.empty(0, np.uint64)
         self.duplicates = 0
+        self._sorted: dict = {}  # (column, kinds) -> sorted unique keys; cleared on change
 
     def __len__(self) -> int:
         return int(np.count_nonzero(self.file_idx >= 0))
@@ -87,6 +95,7 @@ class TableIndex:
     # -- building --------------------------------------------------------------------------
     def add_file(self, path: str, table_name: str, columns: pa.Table) -> None:
         """Index one committed file from its ``image_id`` (and fingerprint) columns."""
+        self._sorted.clear()
         idx = len(self.files)
         self.files.append(path)
         keys = id_keys(columns.column("image_id"))
@@ -107,6 +116,7 @@ class TableIndex:
 
     def drop_file(self, path: str) -> None:
         """Forget the rows of a file that was deleted or rewritten."""
+        self._sorted.clear()
         try:
             idx = self.files.index(path)
         except ValueError:
@@ -114,6 +124,7 @@ class TableIndex:
         self.file_idx[self.file_idx == idx] = -1
 
     def compact(self) -> None:
+        self._sorted.clear()
         live = self.file_idx >= 0
         self.keys, self.file_idx, self.kind = self.keys[live], self.file_idx[live], self.kind[live]
         if self.with_uris:
@@ -123,14 +134,21 @@ class TableIndex:
     # -- queries ---------------------------------------------------------------------------
     def contains(self, keys: np.ndarray, kinds: tuple[int, ...] | None = None) -> np.ndarray:
         """Boolean mask: which ``keys`` have a live committed row (of the given kinds)."""
-        mask = self.file_idx >= 0
-        if kinds is not None:
-            mask &= np.isin(self.kind, kinds)
-        return np.isin(keys, self.keys[mask])
+        return _member(keys, self._sorted_keys("keys", kinds))
 
     def contains_uri(self, uri_keys: np.ndarray, kinds: tuple[int, ...]) -> np.ndarray:
-        mask = (self.file_idx >= 0) & np.isin(self.kind, kinds)
-        return np.isin(uri_keys, self.uri_keys[mask])
+        return _member(uri_keys, self._sorted_keys("uri_keys", kinds))
+
+    def _sorted_keys(self, column: str, kinds: tuple[int, ...] | None) -> np.ndarray:
+        # Sorted once per index state, so each listing batch costs a binary search per key
+        # instead of a sort of the whole index.
+        cached = self._sorted.get((column, kinds))
+        if cached is None:
+            mask = self.file_idx >= 0
+            if kinds is not None:
+                mask &= np.isin(self.kind, kinds)
+            cached = self._sorted[(column, kinds)] = np.unique(getattr(self, column)[mask])
+        return cached
 
     def files_holding(self, keys: np.ndarray) -> list[str]:
         """Committed files that hold a row for any of ``keys``."""
@@ -396,6 +414,7 @@ class Committer:
             self.stats.by_table[g.table] += len(g.keys)
 
     def _add_keys(self, path: str, keys: np.ndarray, kind: int) -> None:
+        self.index._sorted.clear()
         idx = len(self.index.files)
         self.index.files.append(path)
         self.index.keys = np.concatenate([self.index.keys, keys])
