@@ -9,7 +9,7 @@ import sys
 # Under `ray job submit --working-dir .` the package is not installed: use the checkout's copy.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "lib"))
 
-from raycaption.cli import main
+from raycaption.cli import entrypoint
 
 if __name__ == "__main__":
-    sys.exit(main(["caption", *sys.argv[1:]]))
+    sys.exit(entrypoint(["caption", *sys.argv[1:]]))

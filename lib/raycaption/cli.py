@@ -588,7 +588,6 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
         return run_caption(cfg)
 
-    _stop_on_sigterm()
     summary, code = _guarded(run)
     if code != EXIT_OK:
         return code
@@ -635,6 +634,13 @@ def _guarded(run):
         return None, EXIT_FAILED
 
 
+def entrypoint(argv: list[str] | None = None) -> int:
+    """The process entrypoint (console script, jobs/*.py): :func:`main` plus process-wide
+    set-up that a library caller of ``main`` should not get."""
+    _stop_on_sigterm()
+    return main(argv)
+
+
 def _stop_on_sigterm() -> None:
     """`ray job stop` sends SIGTERM: unwind (finished files get committed) instead of dying
     mid-statement; Ray follows with SIGKILL if that takes too long."""
@@ -642,8 +648,7 @@ def _stop_on_sigterm() -> None:
     def handler(signum, frame):
         raise SystemExit(128 + signum)
 
-    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
-        signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _retag(args: argparse.Namespace) -> int:
@@ -727,4 +732,4 @@ def _print_demo_captions(output: str, n: int) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entrypoint())
