@@ -36,7 +36,8 @@ pytestmark = pytest.mark.integration
 def local_ray():
     import ray
 
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False)
+    # "local": a fresh instance even when a `ray start` cluster runs on this machine.
+    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False)
     yield
     ray.shutdown()
 
