@@ -367,12 +367,16 @@ def _set_rng(state: dict[str, Any] | None) -> None:
 
 def _maybe_inject_fault(faults: dict[str, Any], step: int, rank: int) -> None:
     """Test hook (``RAYCAPTION_TEST_FAULTS`` on the driver): slow steps down, or kill this
-    worker process once at a given step, the way a lost node or an OOM kill would."""
+    worker process once at a given step, the way a lost node or an OOM kill would.
+
+    ``exit_delay`` seconds pass first: Ray Train collects reports at its health check (every
+    2 s), and a real worker dies long after its last checkpoint, not milliseconds after."""
     if faults.get("step_sleep"):
         time.sleep(float(faults["step_sleep"]))
     marker = faults.get("marker")
     due = faults.get("exit_at_step") == step and rank == faults.get("rank", 0)
     if due and marker and not os.path.exists(marker):
+        time.sleep(float(faults.get("exit_delay", 5.0)))
         Path(marker).write_text(f"worker {rank} exited at step {step}\n")
         logger.warning("fault injection: worker %d exits at step %d", rank, step)
         os._exit(1)
