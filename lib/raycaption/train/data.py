@@ -16,6 +16,7 @@ caption job will see at inference time.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import posixpath
 import random
@@ -28,7 +29,6 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from raycaption import storage
@@ -94,8 +94,7 @@ def load_pairs(cfg: PairsConfig, storage_cfg: StorageConfig) -> PairSet:
         base = posixpath.dirname(url.split("?")[0])
         if caption_output:  # source_uri values of a caption run are already absolute
             base = ""
-        images = table.column(image_col).to_pylist()
-        captions = table.column(caption_col).to_pylist()
+        images, captions = table[image_col], table[caption_col]
         read += len(images)
         for image, caption in zip(images, captions, strict=True):
             texts = _captions_of(caption)
@@ -172,23 +171,29 @@ def _format_of(path: str) -> str | None:
     return MANIFEST_SUFFIXES.get(posixpath.splitext(path.split("?")[0])[1].lower())
 
 
-def _read_manifest(url: str, fmt: str, storage_cfg: StorageConfig) -> pa.Table:
+def _read_manifest(url: str, fmt: str, storage_cfg: StorageConfig) -> dict[str, list]:
+    """A manifest as ``{column: values}``. JSONL is parsed line by line, so a caption column
+    may mix single captions and lists of captions."""
     fs, path = storage.filesystem(url, storage_cfg)
     try:
         with fs.open(path, "rb") as f:
             if fmt == "parquet":
-                return pq.read_table(f)
+                return pq.read_table(f).to_pydict()
             if fmt == "csv":
-                return pacsv.read_csv(f)
-            return pajson.read_json(f)
-    except (pa.ArrowInvalid, OSError) as exc:
+                return pacsv.read_csv(f).to_pydict()
+            records = [json.loads(line) for line in f if line.strip()]
+    except (pa.ArrowInvalid, OSError, ValueError) as exc:
         raise ConfigError(f"cannot read manifest {storage.redact(url)}: {exc}") from None
+    if not all(isinstance(r, dict) for r in records):
+        raise ConfigError(f"manifest {storage.redact(url)}: every line must be a JSON object")
+    names = list(dict.fromkeys(k for r in records for k in r))
+    return {n: [r.get(n) for r in records] for n in names}
 
 
 def _pick_columns(
-    table: pa.Table, cfg: PairsConfig, url: str, caption_output: bool
+    table: dict[str, list], cfg: PairsConfig, url: str, caption_output: bool
 ) -> tuple[str, str]:
-    names = table.schema.names
+    names = list(table)
     if caption_output:
         return "source_uri", "caption"
     image = cfg.image_column or next((c for c in IMAGE_COLUMN_CANDIDATES if c in names), None)
