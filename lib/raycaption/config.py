@@ -587,6 +587,12 @@ class FinetuneConfig:
         """``min`` or ``max``: which way ``metric`` improves."""
         return EVAL_METRICS[self.metric]
 
+    @property
+    def metric_key(self) -> str:
+        """The reported metric that ``metric`` names (``loss`` is the test split's
+        ``eval_loss``)."""
+        return "eval_loss" if self.metric == "loss" else self.metric
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly copy for the eval card (holds no credentials by construction)."""
         return dataclasses.asdict(self)

@@ -72,6 +72,8 @@ def test_config_names_every_problem_at_once():
         assert expected in text
     assert FinetuneConfig(pairs=PairsConfig(uri="p"), output="o").validate().metric_mode == "min"
     assert FinetuneConfig(metric="cider").metric_mode == "max"
+    assert FinetuneConfig(metric="loss").metric_key == "eval_loss"  # what the loop reports
+    assert FinetuneConfig(metric="bleu").metric_key == "bleu"
     with pytest.raises(ConfigError, match="--split must be one of all, test, train"):
         EvalConfig(pairs=PairsConfig(uri="p"), model="m", split="dev").validate()
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import tempfile
@@ -34,6 +35,7 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
 PROGRESS_FILE = "progress.json"
 MODEL_DIR = "model"
+METRIC_KEYS = ("wer", "cer", "bleu", "rouge_l", "cider")
 
 
 def checkpoint_name(step: int) -> str:
@@ -236,6 +238,9 @@ class _Loop:
         metrics.update(compute_metrics(all_preds, all_refs))
         metrics["eval_loss"] = sum(g[2] for g in gathered) / total_n if total_n else float("nan")
         metrics["images_skipped"] = sum(self.skipped.values())
+        worst = math.inf if self.cfg.metric_mode == "min" else -math.inf
+        for key in (self.cfg.metric_key, *METRIC_KEYS):  # no test image decoded: worst scores
+            metrics.setdefault(key, worst if key == self.cfg.metric_key else math.nan)
         if self.rank == 0:
             logger.info("eval at step %d: %s", step, _short(metrics))
         return metrics

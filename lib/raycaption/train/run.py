@@ -148,7 +148,7 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.num_to_keep,
-                checkpoint_score_attribute=cfg.metric,
+                checkpoint_score_attribute=cfg.metric_key,
                 checkpoint_score_order=cfg.metric_mode,
             ),
         ),
@@ -173,7 +173,7 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
             "step": int(best_metrics["step"]),
             "metric": cfg.metric,
             "mode": cfg.metric_mode,
-            "value": best_metrics[cfg.metric],
+            "value": best_metrics[cfg.metric_key],
         },
         "history": progress.get("history", []),
         "starts": progress.get("starts", []),
@@ -299,12 +299,13 @@ def _check_run_record(storage_path: str, name: str, record: dict, cfg: FinetuneC
 
 
 def _best_checkpoint(result, cfg: FinetuneConfig):
-    candidates = [(c, m) for c, m in (result.best_checkpoints or []) if cfg.metric in m]
+    key = cfg.metric_key
+    candidates = [(c, m) for c, m in (result.best_checkpoints or []) if key in m]
     if not candidates:
-        raise RuntimeError("training reported no checkpoint with metric " + cfg.metric)
+        raise RuntimeError("training reported no checkpoint with metric " + key)
     sign = 1 if cfg.metric_mode == "min" else -1
     # Ties go to the later step: as good, and trained longer.
-    return min(candidates, key=lambda cm: (sign * cm[1][cfg.metric], -cm[1]["step"]))
+    return min(candidates, key=lambda cm: (sign * cm[1][key], -cm[1]["step"]))
 
 
 def _read_progress(checkpoint) -> dict[str, Any]:
