@@ -464,6 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--show", type=int, default=12, metavar="N", help="captions to print (default: %(default)s)"
     )
+    from raycaption.train.commands import add_commands as add_train_commands
+
+    add_train_commands(sub)  # finetune, evaluate
     return parser
 
 
@@ -576,6 +579,10 @@ def main(argv: list[str] | None = None) -> int:
         return _search(args)
     if args.command == "tag":
         return _retag(args)
+    if args.command in ("finetune", "evaluate"):
+        from raycaption.train.commands import run_command
+
+        return run_command(args, _guarded)
     if args.command == "demo":
         args.input = str(bundled("samples"))
         args.extensions = ",".join(DEFAULT_EXTENSIONS)
@@ -635,7 +642,7 @@ def _guarded(run):
 
 
 def entrypoint(argv: list[str] | None = None) -> int:
-    """The process entrypoint (console script, jobs/*.py): :func:`main` plus process-wide
+    """The process entrypoint (console script, jobs/caption.py): :func:`main` plus process-wide
     set-up that a library caller of ``main`` should not get."""
     _stop_on_sigterm()
     return main(argv)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -467,3 +468,290 @@ class TagRunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# --- fine-tuning and evaluation (raycaption finetune / evaluate) -------------------------
+
+SCHEDULES = ("linear", "cosine", "constant")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# Metric name -> the direction that is better; the first is the default for choosing the best
+# checkpoint. loss is the teacher-forced loss on the test split.
+EVAL_METRICS = {
+    "wer": "min",
+    "cer": "min",
+    "bleu": "max",
+    "rouge_l": "max",
+    "cider": "max",
+    "loss": "min",
+}
+EVAL_SPLITS = ("all", "test", "train")
+# Model families that can be fine-tuned (model_type in config.json).
+FINETUNE_FAMILIES = ("git", "blip")
+# A run name becomes a folder name under the storage path.
+_RUN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+@dataclass
+class PairsConfig:
+    """Where image-caption pairs come from and how they are split.
+
+    Attributes:
+        uri: A Parquet/JSONL/CSV manifest, a folder of them (``metadata.jsonl`` next to the
+            images, as Hugging Face's imagefolder writes it), or a caption run's output folder
+            (its ``captions/`` table); local or any fsspec URL.
+        image_column: Column with image URIs (relative ones resolve against the manifest's
+            folder) or image bytes; None tries ``IMAGE_COLUMN_CANDIDATES``.
+        caption_column: Column with one caption (string) or several (list of strings); None
+            tries ``CAPTION_COLUMN_CANDIDATES``.
+        test_fraction: Share of images held out for evaluation (seeded, by image id).
+        seed: Seed of the train/test split, the batch order and the caption sampling.
+        limit: Use only the first N images (trial runs).
+    """
+
+    uri: str = ""
+    image_column: str | None = None
+    caption_column: str | None = None
+    test_fraction: float = 0.1
+    seed: int = 0
+    limit: int | None = None
+
+
+IMAGE_COLUMN_CANDIDATES = (
+    "image",
+    "image_uri",
+    "image_url",
+    "uri",
+    "url",
+    "file_name",
+    "filename",
+    "path",
+    "source_uri",
+    "image_path",
+)
+CAPTION_COLUMN_CANDIDATES = ("caption", "captions", "text", "sentences")
+
+
+@dataclass
+class FinetuneConfig:
+    """One fine-tuning run on Ray Train (``raycaption finetune``).
+
+    Attributes:
+        pairs: The image-caption pairs and their split.
+        output: Folder the best checkpoint is exported to (save_pretrained + processor +
+            eval card), local or object storage.
+        model: Base model: hub id or save_pretrained folder (GIT or BLIP), local or on object
+            storage.
+        run_name: Ray Train run name; rerunning with the same name and storage path resumes
+            from the latest checkpoint. None: the output folder's name.
+        storage_path: Where Ray Train keeps checkpoints (shared storage on multi-node
+            clusters). None: ``_finetune_runs`` next to the output folder.
+        steps: Optimizer steps; None derives them from ``epochs``.
+        epochs: Passes over the training split when ``steps`` is None.
+        batch_size: Images per worker per forward pass.
+        grad_accum: Forward passes per optimizer step (effective batch = batch_size x
+            grad_accum x num_workers).
+        lr: Peak AdamW learning rate.
+        weight_decay: AdamW weight decay (not applied to biases and norms).
+        warmup_ratio: Share of the steps with a linear warmup from 0.
+        schedule: ``linear`` or ``cosine`` decay after warmup, or ``constant``.
+        max_grad_norm: Gradient clipping (0 turns it off).
+        precision: ``auto`` = bf16 (fp16 where bf16 is missing) on GPU, fp32 on CPU.
+        eval_every: Evaluate, report and checkpoint every this many optimizer steps (and at
+            the end).
+        eval_max_images: Test images used by the periodic evaluation (the final evaluation
+            uses the whole test split).
+        metric: Metric that chooses the best checkpoint (``EVAL_METRICS``).
+        num_to_keep: Checkpoints kept in storage (the best ones; the latest is always kept).
+        num_workers: Ray Train workers (one DDP process each).
+        use_gpu: One GPU per worker; None = yes when the cluster has GPUs.
+        cpus_per_worker: CPUs reserved per worker (also its torch threads on CPU).
+        max_failures: Worker-group restarts from the latest checkpoint before giving up.
+        max_text_tokens: Captions are truncated to this many tokens for training.
+        max_new_tokens: Caption length limit when generating for evaluation.
+        num_beams: Beam search width when generating for evaluation (1 = greedy).
+        image_cache_mb: Decoded images each worker keeps in memory (the rest are re-read).
+        max_image_bytes: Larger images are skipped and counted.
+        max_image_pixels: Larger images are skipped and counted (decompression bombs).
+        read_retries: Attempts per image on transient storage errors.
+        ray_address: None starts or joins Ray automatically.
+        storage: Object-storage settings (never credentials).
+    """
+
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    output: str = ""
+    model: str = "microsoft/git-base"
+    run_name: str | None = None
+    storage_path: str | None = None
+    steps: int | None = None
+    epochs: float = 3.0
+    batch_size: int = 32
+    grad_accum: int = 2
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    schedule: str = "linear"
+    max_grad_norm: float = 1.0
+    precision: str = "auto"
+    eval_every: int = 100
+    eval_max_images: int = 512
+    metric: str = "wer"
+    num_to_keep: int = 2
+    num_workers: int = 1
+    use_gpu: bool | None = None
+    cpus_per_worker: float = 1.0
+    max_failures: int = 3
+    max_text_tokens: int = 64
+    max_new_tokens: int = 30
+    num_beams: int = 1
+    image_cache_mb: int = 1024
+    max_image_bytes: int = ComputeConfig.max_image_bytes
+    max_image_pixels: int = ComputeConfig.max_image_pixels
+    read_retries: int = ComputeConfig.read_retries
+    ray_address: str | None = None
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+    def validate(self) -> FinetuneConfig:
+        """Check every option that needs no I/O; raise one ConfigError naming all problems."""
+        problems = _check_pairs(self.pairs, "--train")
+        if not self.output:
+            problems.append("--output is required")
+        if self.output and self.pairs.uri and _same_place(self.output, self.pairs.uri):
+            problems.append("--output must not be the --train folder")
+        if not self.model:
+            problems.append("--model is required")
+        if not 0.0 < self.pairs.test_fraction < 1.0:
+            problems.append("--test-fraction must be between 0 and 1 (exclusive)")
+        if self.run_name is not None and not _RUN_NAME_RE.fullmatch(self.run_name):
+            problems.append(
+                "--run-name may hold letters, digits, '.', '_' and '-' only (it names a folder)"
+            )
+        if self.steps is not None and self.steps < 1:
+            problems.append("--steps must be >= 1")
+        if self.steps is None and self.epochs <= 0:
+            problems.append("--epochs must be > 0")
+        for name, value in (
+            ("--batch-size", self.batch_size),
+            ("--grad-accum", self.grad_accum),
+            ("--eval-every", self.eval_every),
+            ("--eval-max-images", self.eval_max_images),
+            ("--num-to-keep", self.num_to_keep),
+            ("--num-workers", self.num_workers),
+            ("--max-text-tokens", self.max_text_tokens),
+            ("--max-new-tokens", self.max_new_tokens),
+            ("--num-beams", self.num_beams),
+            ("--read-retries", self.read_retries),
+            ("--max-image-bytes", self.max_image_bytes),
+            ("--max-image-pixels", self.max_image_pixels),
+        ):
+            if value < 1:
+                problems.append(f"{name} must be >= 1")
+        if self.lr <= 0:
+            problems.append("--lr must be > 0")
+        if self.weight_decay < 0 or self.max_grad_norm < 0 or self.image_cache_mb < 0:
+            problems.append("--weight-decay, --max-grad-norm and --image-cache-mb must be >= 0")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            problems.append("--warmup-ratio must be in [0, 1)")
+        if self.schedule not in SCHEDULES:
+            problems.append(f"--schedule must be one of {', '.join(SCHEDULES)}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"--precision must be one of {', '.join(PRECISIONS)}")
+        if self.precision in ("fp16", "bf16") and self.use_gpu is False:
+            problems.append("--precision fp16/bf16 needs GPUs (mixed precision runs on GPU only)")
+        if self.metric not in EVAL_METRICS:
+            problems.append(f"--metric must be one of {', '.join(EVAL_METRICS)}")
+        if self.cpus_per_worker <= 0:
+            problems.append("--cpus-per-worker must be > 0")
+        if self.max_failures < -1:
+            problems.append("--max-failures must be >= -1 (-1 = retry forever)")
+        if problems:
+            raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+        return self
+
+    @property
+    def metric_mode(self) -> str:
+        """``min`` or ``max``: which way ``metric`` improves."""
+        return EVAL_METRICS[self.metric]
+
+    @property
+    def metric_key(self) -> str:
+        """The reported metric that ``metric`` names (``loss`` is the test split's
+        ``eval_loss``)."""
+        return "eval_loss" if self.metric == "loss" else self.metric
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly copy for the eval card (holds no credentials by construction)."""
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluate a captioning model on image-caption pairs (``raycaption evaluate``).
+
+    Attributes:
+        pairs: The pairs; with ``split="test"`` the same seeded split as ``finetune``.
+        model: Hub id or save_pretrained folder, local or object storage.
+        split: ``all`` pairs, or only the ``test`` / ``train`` side of the split.
+        output: Folder for the eval card (eval.json, EVAL.md, predictions); None prints only.
+        batch_size: Images per generate call.
+        max_new_tokens: Caption length limit.
+        num_beams: Beam search width (1 = greedy).
+        use_gpu: Run on one GPU; None = yes when the cluster has GPUs.
+        max_image_bytes: Larger images are skipped and counted.
+        max_image_pixels: Larger images are skipped and counted.
+        read_retries: Attempts per image on transient storage errors.
+        ray_address: None starts or joins Ray automatically.
+        storage: Object-storage settings (never credentials).
+    """
+
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    model: str = ""
+    split: str = "all"
+    output: str | None = None
+    batch_size: int = 32
+    max_new_tokens: int = 30
+    num_beams: int = 1
+    use_gpu: bool | None = None
+    max_image_bytes: int = ComputeConfig.max_image_bytes
+    max_image_pixels: int = ComputeConfig.max_image_pixels
+    read_retries: int = ComputeConfig.read_retries
+    ray_address: str | None = None
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+    def validate(self) -> EvalConfig:
+        """Check every option that needs no I/O; raise one ConfigError naming all problems."""
+        problems = _check_pairs(self.pairs, "--pairs")
+        if not self.model:
+            problems.append("--model is required")
+        if self.split not in EVAL_SPLITS:
+            problems.append(f"--split must be one of {', '.join(EVAL_SPLITS)}")
+        if self.split != "all" and not 0.0 < self.pairs.test_fraction < 1.0:
+            problems.append("--test-fraction must be between 0 and 1 (exclusive)")
+        for name, value in (
+            ("--batch-size", self.batch_size),
+            ("--max-new-tokens", self.max_new_tokens),
+            ("--num-beams", self.num_beams),
+            ("--read-retries", self.read_retries),
+        ):
+            if value < 1:
+                problems.append(f"{name} must be >= 1")
+        if problems:
+            raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_pairs(pairs: PairsConfig, flag: str) -> list[str]:
+    problems = []
+    if not pairs.uri:
+        problems.append(f"{flag} is required")
+    if pairs.limit is not None and pairs.limit < 1:
+        problems.append("--limit must be >= 1")
+    for name, column in (
+        ("--image-column", pairs.image_column),
+        ("--caption-column", pairs.caption_column),
+    ):
+        if column is not None and not column.strip():
+            problems.append(f"{name} must not be empty")
+    return problems

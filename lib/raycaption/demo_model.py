@@ -1,4 +1,4 @@
-"""Build and train the tiny GIT captioning model bundled for the ``demo`` command.
+"""Build the tiny GIT captioning model bundled for the ``demo`` command, with ``finetune``.
 
 The model captions the synthetic images of :mod:`raycaption.synthetic` ("a red circle on a
 blue background"). Everything is created locally, with no network access:
@@ -6,10 +6,12 @@ blue background"). Everything is created locally, with no network access:
 * a BERT-style WordPiece tokenizer whose vocabulary is the five BERT special tokens plus
   :func:`raycaption.synthetic.caption_vocabulary` (``[CLS]`` is GIT's bos, ``[SEP]`` its eos);
 * a ``CLIPImageProcessor`` that resizes/crops to a small square (32 px by default);
-* a ``GitForCausalLM`` with a few hundred thousand parameters, trained from scratch with a
-  plain, seeded PyTorch AdamW loop on examples generated on the fly (a later issue moves the
-  loop onto Ray Train).
+* a freshly initialised ``GitForCausalLM`` with a few hundred thousand parameters, saved as
+  the base model folder;
+* synthetic training pairs (a Parquet manifest of JPEG bytes + captions);
 
+and then the model is trained by the same Ray Train fine-tuning job users run
+(:func:`raycaption.train.run_finetune`), which exports the best checkpoint and its eval card.
 Rebuild the shipped copy with::
 
     python -m raycaption.demo_model --output lib/raycaption/data/demo-model
@@ -24,7 +26,7 @@ import argparse
 import dataclasses
 import functools
 import json
-import math
+import logging
 import random
 import sys
 import tempfile
@@ -64,6 +66,8 @@ __all__ = [
     "main",
     "new_model",
     "vocab_tokens",
+    "write_training_pairs",
+    "write_untrained_model",
 ]
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -105,20 +109,22 @@ class DemoModelSpec:
 
 @dataclasses.dataclass(frozen=True)
 class TrainingSpec:
-    """Optimiser settings of the demo training loop.
+    """Settings of the demo fine-tuning run (passed to :class:`FinetuneConfig`).
 
     Training images are drawn at ``train_image_size`` (cheaper than the 256 px of the shipped
-    samples; the processor downsizes both to the model's ``image_size`` anyway), evaluation
-    images at 256 px like the samples.
+    samples; the decode step downsizes both to the model's ``image_size`` anyway).
+    A from-scratch model needs a far larger learning rate than fine-tuning a pretrained one.
     """
 
     steps: int = 2500
+    train_images: int = 10_000
     batch_size: int = 32
     train_image_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.01
-    warmup_steps: int = 100
-    grad_clip: float = 1.0
+    warmup_ratio: float = 0.04
+    schedule: str = "cosine"
+    eval_every: int = 500
     eval_examples: int = 100
 
 
@@ -194,24 +200,6 @@ def new_model(spec: DemoModelSpec, tokenizer: BertTokenizer) -> GitForCausalLM:
     return model
 
 
-def _batch(
-    processor: GitProcessor, rng: random.Random, n: int, size: int = 256
-) -> dict[str, torch.Tensor]:
-    """Draw ``n`` examples from ``rng`` and return model inputs with LM ``labels``."""
-    images, captions = zip(*(make_example(rng, size=size) for _ in range(n)), strict=True)
-    pixel_values = processor.image_processor(images=list(images), return_tensors="pt")
-    text = processor.tokenizer(
-        list(captions), padding=True, return_tensors="pt", return_token_type_ids=False
-    )
-    labels = text["input_ids"].masked_fill(text["attention_mask"] == 0, -100)
-    return {
-        "pixel_values": pixel_values["pixel_values"],
-        "input_ids": text["input_ids"],
-        "attention_mask": text["attention_mask"],
-        "labels": labels,
-    }
-
-
 @torch.no_grad()
 def caption_images(
     model: GitForCausalLM,
@@ -251,12 +239,48 @@ def load_demo_model(path: str | Path = DEMO_MODEL_DIR) -> tuple[Any, GitForCausa
     return processor, model
 
 
-def _lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warmup, then cosine decay to 10% of the peak learning rate."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+def write_untrained_model(
+    folder: str | Path, spec: DemoModelSpec | None = None, seed: int = 0
+) -> Path:
+    """Save a freshly initialised demo GIT with its processor (the fine-tuning base model)."""
+    spec = spec or DemoModelSpec()
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    processor = build_processor(spec.image_size)
+    model = new_model(spec, processor.tokenizer)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def write_training_pairs(
+    path: str | Path, n: int, seed: int = 0, size: int = 128, quality: int = 90
+) -> Path:
+    """Write ``n`` synthetic examples as a Parquet manifest of JPEG bytes + caption.
+
+    The examples come from ``random.Random(TRAIN_SEED_BASE + seed)``, never from the seeds of
+    the shipped samples or of the held-out evaluation set.
+    """
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    train_seed = TRAIN_SEED_BASE + seed
+    if train_seed in (SAMPLES_SEED, EVAL_SEED):
+        raise ValueError(f"seed {seed} would train on held-out images")
+    rng = random.Random(train_seed)
+    images, captions = [], []
+    for _ in range(n):
+        image, caption = make_example(rng, size=size)
+        buf = io.BytesIO()
+        image.save(buf, format="JPEG", quality=quality)
+        images.append(buf.getvalue())
+        captions.append(caption)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"image": pa.array(images, pa.binary()), "caption": captions}), path)
+    return path
 
 
 def build_demo_model(
@@ -265,111 +289,94 @@ def build_demo_model(
     seed: int = 0,
     spec: DemoModelSpec | None = None,
     training: TrainingSpec | None = None,
-    threads: int = 1,
-    log_every: int = 100,
+    workers: int = 1,
     log: Any = None,
 ) -> dict[str, Any]:
-    """Train the demo GIT from scratch and save it (model + processor) to ``output_dir``.
+    """Fine-tune a fresh demo GIT on synthetic pairs with Ray Train; save it to ``output_dir``.
 
-    Training examples come from ``random.Random(TRAIN_SEED_BASE + seed)``; the metric is
-    exact-match caption accuracy of the *saved and reloaded* model on
-    ``training.eval_examples`` held-out examples drawn with ``EVAL_SEED``.
+    The base model and the training pairs are written to a temporary folder, the model is
+    trained with :func:`raycaption.train.run_finetune` (which exports the best checkpoint to
+    ``output_dir`` with its eval card), and the exported model is then scored by exact-match
+    caption accuracy on ``training.eval_examples`` examples drawn with ``EVAL_SEED`` and on the
+    shipped samples.
 
     Args:
-        output_dir: Folder to write (created if missing; files of the same name are replaced).
-        steps: Optimiser steps.
-        seed: Seed for the weights initialisation and the training data stream.
+        output_dir: Folder to write (created if missing; an earlier export is replaced).
+        steps: Optimizer steps.
+        seed: Seed for the weights initialisation, the training pairs and the split.
         spec: Model architecture; ``DemoModelSpec()`` by default.
-        training: Optimiser settings; ``TrainingSpec(steps=steps)`` by default.
-        threads: ``torch.set_num_threads`` while training.
-        log_every: Log the running loss every this many steps (0: never).
+        training: Fine-tuning settings; ``TrainingSpec(steps=steps)`` by default.
+        workers: Ray Train workers (one CPU each).
         log: Called with one progress string at a time (default: print and flush).
 
     Returns:
-        Metrics: ``exact_match``, ``steps``, ``seconds`` (training + evaluation), ``params``,
-        ``final_loss``.
+        Metrics: ``exact_match``, ``samples_exact_match``, ``wer``, ``steps``, ``seconds``,
+        ``params``.
     """
+    from raycaption.config import FinetuneConfig, PairsConfig
+    from raycaption.train.run import run_finetune
+
     log = log or functools.partial(print, flush=True)
     spec = spec or DemoModelSpec()
     training = dataclasses.replace(training or TrainingSpec(), steps=steps)
-    train_seed = TRAIN_SEED_BASE + seed
-    if train_seed in (SAMPLES_SEED, EVAL_SEED):
-        raise ValueError(f"seed {seed} would train on held-out images")
     output_dir = Path(output_dir)
-
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        start = time.perf_counter()
-        torch.manual_seed(seed)
-        processor = build_processor(spec.image_size)
-        model = new_model(spec, processor.tokenizer)
-        params = sum(p.numel() for p in model.parameters())
-        log(f"demo GIT: {params:,} parameters, vocab {len(processor.tokenizer)}")
-
-        decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-        no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embedding" in n]
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": training.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
+    if (output_dir / "training.json").is_file():  # an earlier demo build: replaced whole
+        for old in output_dir.iterdir():
+            if old.is_file():
+                old.unlink()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="raycaption-demo-") as tmp:
+        base = write_untrained_model(Path(tmp) / "base", spec, seed)
+        pairs = write_training_pairs(
+            Path(tmp) / "pairs.parquet", training.train_images, seed, training.train_image_size
+        )
+        log(
+            f"base model and {training.train_images} training pairs in {time.perf_counter() - start:.0f}s"
+        )
+        cfg = FinetuneConfig(
+            pairs=PairsConfig(uri=str(pairs), seed=seed),
+            output=str(output_dir),
+            model=str(base),
+            run_name="demo-model",
+            storage_path=str(Path(tmp) / "runs"),
+            steps=training.steps,
+            batch_size=training.batch_size,
+            grad_accum=1,
             lr=training.lr,
+            weight_decay=training.weight_decay,
+            warmup_ratio=training.warmup_ratio,
+            schedule=training.schedule,
+            eval_every=training.eval_every,
+            max_new_tokens=spec.max_new_tokens,
+            num_workers=workers,
+            use_gpu=False,
+            ray_address="local",  # a fresh local Ray, as `raycaption demo` uses
         )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: _lr_factor(s, training.warmup_steps, training.steps)
-        )
-        rng = random.Random(train_seed)
-        model.train()
-        running = None
-        for step in range(training.steps):
-            batch = _batch(processor, rng, training.batch_size, training.train_image_size)
-            loss = model(**batch).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), training.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            value = loss.item()
-            running = value if running is None else 0.9 * running + 0.1 * value
-            if log_every and ((step + 1) % log_every == 0 or step + 1 == training.steps):
-                elapsed = time.perf_counter() - start
-                log(f"step {step + 1}/{training.steps} loss {running:.4f} ({elapsed:.0f}s)")
-        train_seconds = time.perf_counter() - start
-
-        output_dir.mkdir(parents=True, exist_ok=True)
-        model.eval()
-        model.save_pretrained(output_dir)
-        processor.save_pretrained(output_dir)
-        (output_dir / "model.safetensors").chmod(0o644)  # safetensors writes it as 0600
-        (output_dir / "vocab.txt").write_text("\n".join(vocab_tokens()) + "\n", encoding="utf-8")
-
-        reloaded_processor, reloaded = load_demo_model(output_dir)
-        exact_match = evaluate_exact_match(reloaded, reloaded_processor, training.eval_examples)
-        seconds = time.perf_counter() - start
-    finally:
-        torch.set_num_threads(previous_threads)
-
+        result = run_finetune(cfg)
+    (output_dir / "vocab.txt").write_text("\n".join(vocab_tokens()) + "\n", encoding="utf-8")
+    processor, model = load_demo_model(output_dir)
+    exact_match = evaluate_exact_match(model, processor, training.eval_examples)
+    samples = _samples_exact_match(model, processor)
+    seconds = time.perf_counter() - start
     metrics = {
         "exact_match": exact_match,
         "eval_examples": training.eval_examples,
+        "samples_exact_match": samples,
+        "wer": result.metrics["wer"],
         "steps": training.steps,
+        "best_step": result.best_step,
         "seconds": round(seconds, 1),
-        "train_seconds": round(train_seconds, 1),
-        "params": params,
-        "final_loss": round(running if running is not None else float("nan"), 5),
+        "params": sum(p.numel() for p in model.parameters()),
     }
     record = {
-        "command": (
-            f"python -m raycaption.demo_model --output {output_dir} "
-            f"--steps {training.steps} --seed {seed}"
-        ),
+        "command": f"python -m raycaption.demo_model --output {output_dir} "
+        f"--steps {training.steps} --seed {seed} --workers {workers}",
         "seed": seed,
-        "train_seed": train_seed,
+        "train_seed": TRAIN_SEED_BASE + seed,
         "eval_seed": EVAL_SEED,
         "samples_seed": SAMPLES_SEED,
         "model": dataclasses.asdict(spec),
-        "training": {**dataclasses.asdict(training), "threads": threads},
+        "training": {**dataclasses.asdict(training), "workers": workers},
         "metrics": metrics,
         "versions": {
             "python": sys.version.split()[0],
@@ -379,25 +386,40 @@ def build_demo_model(
     }
     (output_dir / "training.json").write_text(json.dumps(record, indent=2) + "\n", "utf-8")
     log(
-        f"exact match {exact_match:.1%} on {training.eval_examples} held-out examples; "
-        f"{training.steps} steps in {train_seconds:.0f}s (total {seconds:.0f}s); "
+        f"exact match {exact_match:.1%} on {training.eval_examples} held-out examples, "
+        f"{samples:.0%} on the shipped samples; {training.steps} steps, {seconds:.0f}s; "
         f"saved to {output_dir}"
     )
     return metrics
+
+
+def _samples_exact_match(model: GitForCausalLM, processor: Any) -> float:
+    import csv
+
+    with open(SAMPLES_DIR / "captions.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    images = [Image.open(SAMPLES_DIR / r["filename"]).convert("RGB") for r in rows]
+    predicted = caption_images(model, processor, images)
+    return sum(p == r["caption"] for p, r in zip(predicted, rows, strict=True)) / len(rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``python -m raycaption.demo_model --output DIR [--steps N] [--seed S]``."""
     parser = argparse.ArgumentParser(
         prog="python -m raycaption.demo_model",
-        description="Train the tiny demo GIT captioner on synthetic shapes and save it.",
+        description="Fine-tune the tiny demo GIT captioner on synthetic shapes with Ray Train "
+        "(raycaption finetune) and export it with its eval card.",
     )
     parser.add_argument("--output", default=str(DEMO_MODEL_DIR), help="output folder")
-    parser.add_argument("--steps", type=int, default=TrainingSpec.steps, help="training steps")
+    parser.add_argument("--steps", type=int, default=TrainingSpec.steps, help="optimizer steps")
     parser.add_argument("--seed", type=int, default=0, help="training seed")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads while training")
+    parser.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP)")
     args = parser.parse_args(argv)
-    metrics = build_demo_model(args.output, steps=args.steps, seed=args.seed, threads=args.threads)
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("raycaption").setLevel(logging.INFO)
+    metrics = build_demo_model(args.output, steps=args.steps, seed=args.seed, workers=args.workers)
     print(json.dumps(metrics))
     return 0
 

@@ -181,3 +181,17 @@ def test_model_folder_is_small():
     assert total < 3_200_000
     assert (MODEL_DIR / "model.safetensors").is_file()
     assert (MODEL_DIR / "training.json").is_file()
+
+
+def test_demo_model_was_built_by_the_finetune_job():
+    """The shipped model carries the eval card the Ray Train fine-tuning job writes."""
+    import json
+
+    card = json.loads((MODEL_DIR / "eval.json").read_text())
+    assert card["training"]["family"] == "git"
+    assert card["training"]["history"][0]["step"] == 0  # the untrained model's scores
+    assert card["metrics"]["wer"] < 0.05
+    assert card["data"]["fingerprint"].startswith("sha256:")
+    record = json.loads((MODEL_DIR / "training.json").read_text())
+    assert record["command"].startswith("python -m raycaption.demo_model")
+    assert SAMPLES_SEED != record["train_seed"] != record["eval_seed"]
