@@ -232,7 +232,14 @@ def _add_caption_options(p: argparse.ArgumentParser, demo: bool = False) -> None
         help="attempts per object on transient storage errors (default: %(default)s)",
     )
 
-    g = p.add_argument_group("storage (credentials come from the environment, never from flags)")
+    add_storage_options(
+        p.add_argument_group("storage (credentials come from the environment, never from flags)")
+    )
+    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+
+def add_storage_options(g) -> None:
+    """--s3-endpoint-url, --s3-region and --storage-option (read by :func:`storage_from_args`)."""
     g.add_argument(
         "--s3-endpoint-url",
         metavar="URL",
@@ -246,7 +253,17 @@ def _add_caption_options(p: argparse.ArgumentParser, demo: bool = False) -> None
         metavar="PROTO.KEY=JSON",
         help="extra fsspec option, e.g. s3.requester_pays=true (repeatable)",
     )
-    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+
+def storage_from_args(args: argparse.Namespace) -> StorageConfig:
+    """The StorageConfig of :func:`add_storage_options`' flags."""
+    options: dict[str, dict] = {}
+    for key, value in _parse_kv(args.storage_option, "--storage-option").items():
+        proto, sep, name = key.partition(".")
+        if not sep or not proto or not name:
+            raise ConfigError(f"--storage-option key must be PROTO.KEY, got {key!r}")
+        options.setdefault(proto, {})[name] = value
+    return StorageConfig(endpoint_url=args.s3_endpoint_url, region=args.s3_region, options=options)
 
 
 def _add_backfill_options(p: argparse.ArgumentParser, demo: bool) -> None:
@@ -489,12 +506,6 @@ def _parse_kv(items: list[str], flag: str) -> dict:
 
 
 def config_from_args(args: argparse.Namespace) -> CaptionConfig:
-    options: dict[str, dict] = {}
-    for key, value in _parse_kv(args.storage_option, "--storage-option").items():
-        proto, sep, name = key.partition(".")
-        if not sep:
-            raise ConfigError(f"--storage-option key must be PROTO.KEY, got {key!r}")
-        options.setdefault(proto, {})[name] = value
     inp = InputConfig(
         uri=args.input,
         manifest=getattr(args, "manifest", None),
@@ -540,7 +551,7 @@ def config_from_args(args: argparse.Namespace) -> CaptionConfig:
         commit_every_s=getattr(args, "commit_every", _B.commit_every_s),
         gpu_wait_s=getattr(args, "gpu_wait", _B.gpu_wait_s),
     )
-    store = StorageConfig(endpoint_url=args.s3_endpoint_url, region=args.s3_region, options=options)
+    store = storage_from_args(args)
     embed, tags = _text_configs(args)
     cfg = CaptionConfig(
         input=inp,

@@ -88,16 +88,15 @@ class TableIndex:
         self.uri_keys = np.empty(0, np.uint64)
         self.duplicates = 0
         self._sorted: dict = {}  # (column, kinds) -> sorted unique keys; cleared on change
+        self._chunks: list[tuple] = []  # appended rows not yet in the arrays (see _flush)
 
     def __len__(self) -> int:
+        self._flush()
         return int(np.count_nonzero(self.file_idx >= 0))
 
     # -- building --------------------------------------------------------------------------
     def add_file(self, path: str, table_name: str, columns: pa.Table) -> None:
         """Index one committed file from its ``image_id`` (and fingerprint) columns."""
-        self._sorted.clear()
-        idx = len(self.files)
-        self.files.append(path)
         keys = id_keys(columns.column("image_id"))
         if table_name == "errors":
             kind = np.full(len(keys), FAILED, np.int8)
@@ -107,15 +106,37 @@ class TableIndex:
             kind = np.where(fresh, FRESH, STALE).astype(np.int8)
         else:
             kind = np.full(len(keys), STALE, np.int8)
-        self.keys = np.concatenate([self.keys, keys])
-        self.file_idx = np.concatenate([self.file_idx, np.full(len(keys), idx, np.int32)])
-        self.kind = np.concatenate([self.kind, kind])
+        uri_keys = None
         if self.with_uris:
             uris = [storage.image_id_for(u or "") for u in columns.column("source_uri").to_pylist()]
-            self.uri_keys = np.concatenate([self.uri_keys, id_keys(uris)])
+            uri_keys = id_keys(uris)
+        self.add_keys(path, keys, kind, uri_keys)
+
+    def add_keys(
+        self, path: str, keys: np.ndarray, kind: np.ndarray, uri_keys: np.ndarray | None = None
+    ) -> None:
+        """Index the rows of one committed file (arrays are joined once, in _flush)."""
+        self._sorted.clear()
+        idx = len(self.files)
+        self.files.append(path)
+        if self.with_uris and uri_keys is None:  # only needed before the run; keep aligned
+            uri_keys = np.zeros(len(keys), np.uint64)
+        self._chunks.append((keys, np.full(len(keys), idx, np.int32), kind, uri_keys))
+
+    def _flush(self) -> None:
+        if not self._chunks:
+            return
+        parts = list(zip(*self._chunks, strict=True))
+        self._chunks = []
+        self.keys = np.concatenate([self.keys, *parts[0]])
+        self.file_idx = np.concatenate([self.file_idx, *parts[1]])
+        self.kind = np.concatenate([self.kind, *parts[2]])
+        if self.with_uris:
+            self.uri_keys = np.concatenate([self.uri_keys, *parts[3]])
 
     def drop_file(self, path: str) -> None:
         """Forget the rows of a file that was deleted or rewritten."""
+        self._flush()
         self._sorted.clear()
         try:
             idx = self.files.index(path)
@@ -124,6 +145,7 @@ class TableIndex:
         self.file_idx[self.file_idx == idx] = -1
 
     def compact(self) -> None:
+        self._flush()
         self._sorted.clear()
         live = self.file_idx >= 0
         self.keys, self.file_idx, self.kind = self.keys[live], self.file_idx[live], self.kind[live]
@@ -144,6 +166,7 @@ class TableIndex:
         # instead of a sort of the whole index.
         cached = self._sorted.get((column, kinds))
         if cached is None:
+            self._flush()
             mask = self.file_idx >= 0
             if kinds is not None:
                 mask &= np.isin(self.kind, kinds)
@@ -152,10 +175,12 @@ class TableIndex:
 
     def files_holding(self, keys: np.ndarray) -> list[str]:
         """Committed files that hold a row for any of ``keys``."""
+        self._flush()
         hit = (self.file_idx >= 0) & np.isin(self.keys, keys)
         return [self.files[i] for i in np.unique(self.file_idx[hit])]
 
     def keys_of_kind(self, kinds: tuple[int, ...]) -> np.ndarray:
+        self._flush()
         mask = (self.file_idx >= 0) & np.isin(self.kind, kinds)
         return np.unique(self.keys[mask])
 
@@ -286,13 +311,18 @@ class Committer:
 
     def _roll_forward(self) -> None:
         for path in self._records():
-            record = json.loads(self.fs.cat_file(path))
-            if record["state"] != "done":
-                logger.warning("finishing interrupted commit %s", path.rsplit("/", 1)[-1])
-                self._apply(record)
-                record["state"] = "done"
-                self.fs.pipe_file(path, json.dumps(record).encode())
+            self._read_record(path)
             self._seen_records.add(path)
+
+    def _read_record(self, path: str) -> dict:
+        """A commit record; one left ``pending`` by a dead driver is finished first."""
+        record = json.loads(self.fs.cat_file(path))
+        if record["state"] != "done":
+            logger.warning("finishing interrupted commit %s", path.rsplit("/", 1)[-1])
+            self._apply(record)
+            record["state"] = "done"
+            self.fs.pipe_file(path, json.dumps(record).encode())
+        return record
 
     def _apply(self, record: dict) -> None:
         """Idempotent: safe to repeat after a crash at any point."""
@@ -326,7 +356,7 @@ class Committer:
 
     def _load_index(self) -> None:
         files = self.table_files()
-        columns = ["image_id", "fingerprint", "source_uri"]
+        columns = ["image_id", "fingerprint"] + (["source_uri"] if self.index.with_uris else [])
 
         def read(item):
             table, path = item
@@ -350,14 +380,11 @@ class Committer:
         base = f"{self.root}/{STAGING_DIR}"
         if not self.fs.exists(base):
             return
-        pending = set()
-        for path in self._records():
-            record = json.loads(self.fs.cat_file(path))
-            if record["state"] != "done":
-                pending.add(record["run_id"])
+        # Every record was finished under the lock just before, so any staging folder of a run
+        # this old holds only files no record names.
         for d in self.fs.ls(base, detail=False):
             run = d.rstrip("/").rsplit("/", 1)[-1]
-            if run != self.run_id and run not in pending and _age_s(run) > ORPHAN_AGE_S:
+            if run != self.run_id and _age_s(run) > ORPHAN_AGE_S:
                 logger.info("removing staging files of run %s", run)
                 self.fs.rm(d, recursive=True)
 
@@ -403,7 +430,8 @@ class Committer:
                 self.index.drop_file(path)
             kinds = {"captions": FRESH, "errors": FAILED}
             for g in group:
-                self._add_keys(self.final_path(g.path), g.keys, kinds[g.table])
+                kind = np.full(len(g.keys), kinds[g.table], np.int8)
+                self.index.add_keys(self.final_path(g.path), g.keys, kind)
             for path, table_name, kept in rewritten:
                 self.index.add_file(path, table_name, kept)
             self.index.compact()
@@ -412,20 +440,6 @@ class Committer:
         self.stats.rows += int(sum(len(g.keys) for g in group))
         for g in group:
             self.stats.by_table[g.table] += len(g.keys)
-
-    def _add_keys(self, path: str, keys: np.ndarray, kind: int) -> None:
-        self.index._sorted.clear()
-        idx = len(self.index.files)
-        self.index.files.append(path)
-        self.index.keys = np.concatenate([self.index.keys, keys])
-        self.index.file_idx = np.concatenate(
-            [self.index.file_idx, np.full(len(keys), idx, np.int32)]
-        )
-        self.index.kind = np.concatenate([self.index.kind, np.full(len(keys), kind, np.int8)])
-        if self.index.with_uris:  # uri keys are only needed before the run; keep arrays aligned
-            self.index.uri_keys = np.concatenate(
-                [self.index.uri_keys, np.zeros(len(keys), np.uint64)]
-            )
 
     def _staged_beside(self, old_final: str) -> str:
         """A staging path that lands in the same table/partition folder as ``old_final``."""
@@ -470,11 +484,7 @@ class Committer:
         for path in self._records():
             if path in self._seen_records:
                 continue
-            record = json.loads(self.fs.cat_file(path))
-            if record["state"] != "done":
-                self._apply(record)  # a commit interrupted mid-way: finish it first
-                record["state"] = "done"
-                self.fs.pipe_file(path, json.dumps(record).encode())
+            record = self._read_record(path)
             for p in record["remove"]:
                 self.index.drop_file(p)
             for _, dst in record["add"]:

@@ -6,7 +6,6 @@ Registered by :mod:`raycaption.cli` (same error boundary and exit codes as every
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +19,6 @@ from raycaption.config import (
     PairsConfig,
     StorageConfig,
 )
-from raycaption.errors import ConfigError
 
 _F, _P, _V = FinetuneConfig(), PairsConfig(), EvalConfig()
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -319,19 +317,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
     g = p.add_argument_group("cluster and storage (credentials come from the environment)")
     g.add_argument("--ray-address", metavar="ADDR", help="Ray cluster to join (default: auto)")
-    g.add_argument(
-        "--s3-endpoint-url",
-        metavar="URL",
-        help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL)",
-    )
-    g.add_argument("--s3-region", metavar="REGION", help="(default: $AWS_REGION)")
-    g.add_argument(
-        "--storage-option",
-        action="append",
-        default=[],
-        metavar="PROTO.KEY=JSON",
-        help="extra fsspec option, e.g. s3.requester_pays=true (repeatable)",
-    )
+    from raycaption.cli import add_storage_options  # cli imports this module lazily
+
+    add_storage_options(g)
     p.add_argument(
         "--log-level",
         default="INFO",
@@ -341,17 +329,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _storage(args: argparse.Namespace) -> StorageConfig:
-    options: dict[str, dict] = {}
-    for item in args.storage_option:
-        key, sep, value = item.partition("=")
-        proto, dot, name = key.partition(".")
-        if not sep or not dot or not proto or not name:
-            raise ConfigError(f"--storage-option takes PROTO.KEY=VALUE, got {item!r}")
-        try:
-            options.setdefault(proto, {})[name] = json.loads(value)
-        except json.JSONDecodeError:
-            options.setdefault(proto, {})[name] = value
-    return StorageConfig(endpoint_url=args.s3_endpoint_url, region=args.s3_region, options=options)
+    from raycaption.cli import storage_from_args
+
+    return storage_from_args(args)
 
 
 def _pairs(args: argparse.Namespace, uri: str) -> PairsConfig:
