@@ -12,6 +12,7 @@ import hashlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -28,8 +29,10 @@ from raycaption.config import (
 )
 from raycaption.errors import RecordError
 from raycaption.images import DecodeLimits, ResizeSpec, decode_image
-from raycaption.models import ModelInfo, load_captioner
-from raycaption.tags import Vocabulary
+
+if TYPE_CHECKING:  # the CPU stages (read, decode) must not pay for importing torch
+    from raycaption.models import ModelInfo
+    from raycaption.tags import Vocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -190,6 +193,8 @@ class TextEnricher:
             from raycaption.models.embedder import TextEmbedder
 
             self.embedder = TextEmbedder((embed_cfg or EmbedConfig()).text_model)
+        from raycaption.tags import Vocabulary
+
         self.vocabulary = vocabulary or Vocabulary((), "none")
         if self.tag_cfg:
             from raycaption.tags import Tagger
@@ -297,6 +302,8 @@ class CaptionActor:
             from raycaption.models.clip import ClipScorer
 
             self.clip = ClipScorer(self.clip_cfg.model, vocabulary.words if vocabulary else ())
+        from raycaption.models import load_captioner
+
         self.captioner = load_captioner(info, model_cfg, storage_cfg)
         self.prompt = model_cfg.prompt
         self.prompt_fields = prompt_fields(self.prompt) if self.prompt else []

@@ -43,6 +43,35 @@ def test_prompts_are_not_echoed_into_captions(tiny_models, family):
     assert "photo of" not in captions[1]
 
 
+@pytest.mark.filterwarnings("ignore:`max_length` is ignored")  # the HF processor's own call
+@pytest.mark.parametrize("family", ["git", "blip", "blip-2"])
+def test_model_inputs_match_what_the_hf_processor_builds(tiny_models, family):
+    """The caption path normalises uint8 pixels itself (on the device, for GPUs) and BLIP-2
+    builds its prompt tokens without the processor's image pass: both must give the exact
+    inputs the model's own processor gives."""
+    import torch
+
+    cfg = ModelConfig(name=str(tiny_models[family]))
+    captioner = load_captioner(inspect_model(cfg, STORE), cfg, STORE)
+    pixels = np.random.default_rng(1).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    pixels.flags.writeable = False  # as pixels_from_arrow hands them over
+    ours = captioner.pixel_values(pixels)
+    theirs = captioner.processor.image_processor(
+        images=list(pixels), do_resize=False, do_center_crop=False, return_tensors="pt"
+    ).pixel_values
+    assert captioner._normalisation() is not None  # the fast path, not the fallback
+    assert ours.shape == theirs.shape and ours.dtype == torch.float32
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    if family == "blip-2":
+        prompts = ["Question: what is in the picture? Answer:", "a photo of", ""]
+        expected = captioner.processor(
+            images=list(pixels[:3]), text=prompts, padding=True, return_tensors="pt"
+        )
+        got = captioner.text_inputs(prompts)
+        for key in ("input_ids", "attention_mask"):
+            assert torch.equal(got[key], expected[key]), key
+
+
 def test_git_refuses_a_prompt(tiny_models):
     cfg = ModelConfig(name=str(tiny_models["git"]), prompt="a photo of")
     with pytest.raises(ConfigError, match="prompt is not supported for git"):

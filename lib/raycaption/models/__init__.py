@@ -14,12 +14,16 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from raycaption import storage
 from raycaption.config import ModelConfig, StorageConfig
 from raycaption.errors import ConfigError
 from raycaption.images import resize_spec_from_processor_config
-from raycaption.models.base import Captioner, ModelInfo
+from raycaption.models.info import ModelInfo
+
+if TYPE_CHECKING:  # torch is imported only where a model is loaded
+    from raycaption.models.base import Captioner
 
 logger = logging.getLogger(__name__)
 
@@ -153,4 +157,4 @@ def load_captioner(info: ModelInfo, cfg: ModelConfig, storage_cfg: StorageConfig
     return _captioner_class(info.family)(materialize(cfg.name, storage_cfg), cfg)
 
 
-__all__ = ["Captioner", "ModelInfo", "inspect_model", "load_captioner", "materialize"]
+__all__ = ["ModelInfo", "inspect_model", "load_captioner", "materialize"]

@@ -8,35 +8,14 @@ generates. Models never touch storage.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from raycaption.config import ModelConfig
-from raycaption.images import ResizeSpec
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the driver learns about a model without loading its weights.
-
-    Attributes:
-        name: The reference the user gave (hub id or folder URL).
-        family: ``git``, ``blip`` or ``blip-2``.
-        model_type: The config's ``model_type``.
-        resize_spec: Geometry of the model's image processor.
-        remote: True when the folder lives on object storage and must be fetched by workers.
-    """
-
-    name: str
-    family: str
-    model_type: str
-    resize_spec: ResizeSpec
-    remote: bool
 
 
 def pick_device_and_dtype(requested: str) -> tuple[torch.device, torch.dtype]:
@@ -76,11 +55,43 @@ class Captioner:
         logger.info("loaded %s on %s as %s", cfg.name, self.device, self.dtype)
 
     def pixel_values(self, pixels: np.ndarray) -> torch.Tensor:
-        """Normalise uint8 (N, H, W, 3) pixels; geometry was already applied upstream."""
-        out = self.processor.image_processor(
-            images=list(pixels), do_resize=False, do_center_crop=False, return_tensors="pt"
-        ).pixel_values
-        return out.to(self.device, self.dtype)
+        """Normalise uint8 (N, H, W, 3) pixels; geometry was already applied upstream.
+
+        The uint8 batch goes to the device as it is (a quarter of the float bytes) and is
+        rescaled and normalised there, with the image processor's own constants. A processor
+        that does anything else (padding, no rescale) is called as it is instead.
+        """
+        norm = self._normalisation()
+        if norm is None:
+            out = self.processor.image_processor(
+                images=list(pixels), do_resize=False, do_center_crop=False, return_tensors="pt"
+            ).pixel_values
+            return out.to(self.device, self.dtype)
+        scale, mean, std = norm
+        x = torch.from_numpy(pixels if pixels.flags.writeable else pixels.copy())
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        x = x.permute(0, 3, 1, 2).to(torch.float32)
+        return ((x * scale - mean) / std).to(self.dtype)
+
+    def _normalisation(self) -> tuple[float, torch.Tensor, torch.Tensor] | None:
+        if not hasattr(self, "_norm"):
+            ip = self.processor.image_processor
+            simple = (
+                getattr(ip, "do_rescale", False)
+                and getattr(ip, "do_normalize", False)
+                and not getattr(ip, "do_pad", False)
+                and getattr(ip, "rescale_factor", None) is not None
+                and len(getattr(ip, "image_mean", None) or ()) == 3
+                and len(getattr(ip, "image_std", None) or ()) == 3
+            )
+            self._norm = None
+            if simple:
+                shape = (1, 3, 1, 1)
+                mean = torch.tensor(ip.image_mean, dtype=torch.float32).view(shape)
+                std = torch.tensor(ip.image_std, dtype=torch.float32).view(shape)
+                self._norm = (float(ip.rescale_factor), mean.to(self.device), std.to(self.device))
+        return self._norm
 
     @torch.inference_mode()
     def generate(self, **inputs: Any) -> torch.Tensor:
