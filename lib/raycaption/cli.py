@@ -327,8 +327,8 @@ def _add_backfill_options(p: argparse.ArgumentParser, demo: bool) -> None:
         type=float,
         default=_B.gpu_wait_s,
         metavar="SECONDS",
-        help="fail if the cluster has not got the requested GPUs after this long "
-        "(default: %(default)s)",
+        help="fail if the cluster has not got the GPUs and CPUs the caption actors need "
+        "after this long (default: %(default)s)",
     )
 
 

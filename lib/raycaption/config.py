@@ -159,7 +159,7 @@ class ComputeConfig:
     concurrency: tuple[int, int] = (1, 1)
     num_gpus: float | None = None
     num_cpus: float = 1.0
-    decode_batch_size: int = 32
+    decode_batch_size: int = 128
     max_image_bytes: int = 256 * 1024 * 1024
     max_image_pixels: int = 100_000_000
     listing_shard_rows: int = 100_000
@@ -242,7 +242,8 @@ class BackfillConfig:
         partitions: Exactly these partition values.
         replay: A run id whose saved listing is used instead of listing the input again.
         commit_every_s: Seconds between incremental commits (0 commits every finished block).
-        gpu_wait_s: How long to wait for the requested GPUs before failing.
+        gpu_wait_s: How long to wait for the GPUs and CPUs the caption actors need before
+            failing (an autoscaler is asked for them meanwhile).
     """
 
     force: bool = False

@@ -25,9 +25,9 @@ import pyarrow.parquet as pq
 import raycaption
 from raycaption import storage
 from raycaption.commit import FAILED, FRESH, STALE, Committer, TableIndex, id_keys
-from raycaption.config import BackfillConfig, CaptionConfig, TagRunConfig
+from raycaption.config import BackfillConfig, CaptionConfig, ComputeConfig, TagRunConfig
 from raycaption.errors import ConfigError
-from raycaption.images import DecodeLimits
+from raycaption.images import DecodeLimits, ResizeSpec
 from raycaption.listing import ListingReport, open_source, write_listing
 from raycaption.models import ModelInfo, inspect_model
 
@@ -330,15 +330,19 @@ def _execute(cfg, info, listing, vocabulary, spec, committer, totals, done_conte
     num_gpus = c.num_gpus
     if num_gpus is None:
         num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    _wait_for_gpus(num_gpus, cfg.backfill.gpu_wait_s)
+    lo, hi = c.concurrency
+    _wait_for_resources(num_gpus, lo, c.num_cpus, cfg.backfill.gpu_wait_s)
     fs, _ = storage.filesystem(listing.shards[0], cfg.storage)
     shards = [storage.filesystem(s, cfg.storage)[1] for s in listing.shards]
     ds = ray.data.read_parquet(
         shards, filesystem=PyFileSystem(FSSpecHandler(fs)), partitioning=None
     )
     ds = ds.map_batches(only_todo, batch_format="pyarrow", batch_size=None)
-    # Small blocks so decode spreads over every CPU even when the listing is one shard.
+    # Blocks of one decode batch, so decode spreads over every CPU even when the listing is
+    # one shard (Ray Data's cost per block is milliseconds: blocks of a few rows cost more
+    # than decoding them, see bench/RESULTS.md).
     ds = ds.repartition(target_num_rows_per_block=c.decode_batch_size)
+    decode_mem = decode_memory(c, info.resize_spec)
     ds = ds.map_batches(
         read_batch,
         batch_format="pyarrow",
@@ -350,14 +354,15 @@ def _execute(cfg, info, listing, vocabulary, spec, committer, totals, done_conte
             "content_ids": cfg.backfill.image_id == "content",
             "done_content": done_content,
         },
+        memory=decode_mem,
     )
     ds = ds.map_batches(
         decode_batch,
         batch_format="pyarrow",
         batch_size=c.decode_batch_size,
         fn_kwargs={"spec": info.resize_spec, "limits": DecodeLimits(max_pixels=c.max_image_pixels)},
+        memory=decode_mem,
     )
-    lo, hi = c.concurrency
     ds = ds.map_batches(
         CaptionActor,
         batch_format="pyarrow",
@@ -386,6 +391,20 @@ def _execute(cfg, info, listing, vocabulary, spec, committer, totals, done_conte
     return {"num_gpus": num_gpus, "num_cpus": c.num_cpus, "min": lo, "max": hi}
 
 
+def decode_memory(compute: ComputeConfig, spec: ResizeSpec) -> int:
+    """Bytes one read+decode task reserves: the largest image it may open, decoded as RGBA,
+    plus its batch of output pixels and some headroom.
+
+    The reservation keeps decoders from oversubscribing a node's memory. It also keeps decode
+    out of the caption actors: Ray Data fuses consecutive stages whose resource requests
+    are equal, and on a CPU-only cluster decode (1 CPU) would otherwise run inside each
+    actor (1 CPU), in series with the model, instead of as tasks on the other CPUs.
+    """
+    largest = min(compute.max_image_pixels * 4, 2 << 30)
+    pixels = compute.decode_batch_size * spec.height * spec.width * 3
+    return int(largest + pixels + (64 << 20))
+
+
 def stream_commits(ds, committer: Committer, totals, every_s: float) -> None:
     """Pull write outcomes as blocks finish and commit them every ``every_s`` seconds.
 
@@ -404,29 +423,43 @@ def stream_commits(ds, committer: Committer, totals, every_s: float) -> None:
         committer.commit(pending)
 
 
-def _wait_for_gpus(num_gpus: float, wait_s: float) -> None:
-    """Fail within ``wait_s`` instead of waiting forever for GPUs that never come."""
+def _wait_for_resources(num_gpus: float, lo: int, num_cpus: float, wait_s: float) -> None:
+    """Fail within ``wait_s`` instead of waiting forever for resources that never come.
+
+    Needs GPUs for one caption actor when actors use GPUs, and CPUs for the ``lo`` actors the
+    pool starts with plus one CPU for the read, decode and write tasks: actors hold their CPUs
+    for the whole run, so a pool that takes every CPU would leave those tasks (and the job)
+    waiting forever.
+    """
     import ray
 
-    if num_gpus <= 0:
-        return
+    need_cpus = lo * num_cpus + 1
+    bundles = [{"CPU": need_cpus}] + ([{"GPU": num_gpus}] if num_gpus > 0 else [])
     deadline = time.monotonic() + wait_s
     try:
         from ray.autoscaler.sdk import request_resources
 
-        request_resources(bundles=[{"GPU": num_gpus}])  # lets an autoscaler add a node
+        request_resources(bundles=bundles)  # lets an autoscaler add nodes
     except Exception:  # noqa: BLE001 - no autoscaler: nothing to ask
         pass
     while True:
-        have = ray.cluster_resources().get("GPU", 0)
-        if have >= num_gpus:
+        have = ray.cluster_resources()
+        gpus, cpus = have.get("GPU", 0), have.get("CPU", 0)
+        if gpus >= num_gpus and cpus >= need_cpus:
             return
         if time.monotonic() >= deadline:
-            raise ResourceError(
-                f"each caption actor needs {num_gpus:g} GPU(s) but the cluster has {have:g} "
-                f"after waiting {wait_s:.0f}s; add GPU nodes, or run on CPU with --num-gpus 0"
-            )
+            break
         time.sleep(1.0)
+    if gpus < num_gpus:
+        raise ResourceError(
+            f"each caption actor needs {num_gpus:g} GPU(s) but the cluster has {gpus:g} "
+            f"after waiting {wait_s:.0f}s; add GPU nodes, or run on CPU with --num-gpus 0"
+        )
+    raise ResourceError(
+        f"{lo} caption actor(s) x {num_cpus:g} CPU(s) plus 1 CPU for reading, decoding and "
+        f"writing need {need_cpus:g} CPUs but the cluster has {cpus:g} after waiting "
+        f"{wait_s:.0f}s; lower --concurrency or --num-cpus, or add nodes"
+    )
 
 
 def _ensure_ray(cfg: CaptionConfig | TagRunConfig) -> None:

@@ -23,6 +23,8 @@ from raycaption.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 REQUIRED = ("image_id", "source_uri", "caption")
+# How long a re-tag waits for the CPUs its actors need (an autoscaler is asked meanwhile).
+RESOURCE_WAIT_S = 30.0
 
 
 def input_files(cfg: TagRunConfig) -> tuple[Any, list[str], pa.Schema]:
@@ -54,6 +56,7 @@ def run_tag(cfg: TagRunConfig) -> dict[str, Any]:
     from raycaption.pipeline import (
         WRITE_TASK_OPTIONS,
         _ensure_ray,
+        _wait_for_resources,
         stream_commits,
         text_models,
     )
@@ -93,6 +96,7 @@ def run_tag(cfg: TagRunConfig) -> dict[str, Any]:
     if rows:
         _ensure_ray(cfg)
         lo, hi = cfg.compute.concurrency
+        _wait_for_resources(0, lo, cfg.compute.num_cpus, RESOURCE_WAIT_S)
         ds = ray.data.read_parquet(
             files, filesystem=PyFileSystem(FSSpecHandler(fs)), partitioning=None
         )

@@ -223,3 +223,19 @@ def test_missing_gpus_fail_fast_with_a_clear_message(local_ray, tiny_models, tmp
     assert time.monotonic() - started < 60
     assert not (tmp_path / "out" / "_SUCCESS").exists()
     assert os.environ.get("RAYCAPTION_FAULTS") is None
+
+
+def test_actors_that_would_take_every_cpu_fail_fast_instead_of_hanging(
+    local_ray, tiny_models, tmp_path
+):
+    # Two 1-CPU actors on a 2-CPU cluster leave nothing for the read/decode/write tasks:
+    # Ray Data would wait for a free CPU forever.
+    images = tmp_path / "images"
+    make_images(images, 2)
+    cfg = config(images, tmp_path / "out", tiny_models["git"], gpu_wait_s=2)
+    cfg.compute.concurrency = (2, 2)
+    with pytest.raises(ResourceError, match=r"2 caption actor\(s\) x 1 CPU.*need 3 CPUs.*has 2"):
+        run_caption(cfg)
+    assert not (tmp_path / "out" / "_SUCCESS").exists()
+    cfg.compute.concurrency = (1, 2)  # one actor leaves a CPU free: the pool may grow later
+    assert run_caption(cfg).captioned == 2
