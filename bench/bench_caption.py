@@ -38,8 +38,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -116,40 +118,44 @@ def load(model_dir: str):
     device, dtype = pick_device_and_dtype("auto")
     family = inspect_model(ModelConfig(name=model_dir), StorageConfig()).family
     processor = AutoProcessor.from_pretrained(model_dir)
-    model = _captioner_class(family).model_class.from_pretrained(model_dir, dtype=dtype)
-    if family == "blip-2":  # its processor puts the query's image tokens into the text
+    if family == "blip-2":  # decoder-only: prompts pad on the left
         processor.tokenizer.padding_side = "left"
-        plain = processor
-
-        def processor(images, **kw):  # the guides' call, with an empty prompt
-            n = len(images) if isinstance(images, list) else 1
-            return plain(images=images, text=[""] * n, padding=True, **kw)
-
-        processor.batch_decode = plain.batch_decode
-    return processor, model.to(device).eval(), device, dtype
+    model = _captioner_class(family).model_class.from_pretrained(model_dir, dtype=dtype)
+    return Loop(processor, model.to(device).eval(), family == "blip-2", device, dtype)
 
 
-def run_naive(paths, processor, model, gen, device, dtype) -> float:
+@dataclass
+class Loop:
+    """What the two bare loops share: the guides' processor call and ``generate``."""
+
+    processor: Any
+    model: Any
+    needs_text: bool  # BLIP-2's processor puts the query's image tokens into the text
+    device: Any
+    dtype: Any
+
+    def caption(self, images: list, gen: dict) -> list[str]:
+        text = {"text": [""] * len(images), "padding": True} if self.needs_text else {}
+        inputs = self.processor(images=images, return_tensors="pt", **text).to(self.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        out = self.model.generate(**inputs, **gen)
+        return self.processor.batch_decode(out, skip_special_tokens=True)
+
+
+def run_naive(paths, loop: Loop, gen) -> float:
     started = time.perf_counter()
     for p in paths:
-        image = Image.open(p).convert("RGB")
-        inputs = processor(images=image, return_tensors="pt").to(device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-        out = model.generate(**inputs, **gen)
-        processor.batch_decode(out, skip_special_tokens=True)
-    _sync(device)
+        loop.caption([Image.open(p).convert("RGB")], gen)
+    _sync(loop.device)
     return time.perf_counter() - started
 
 
-def run_batched(paths, processor, model, gen, batch_size, device, dtype) -> float:
+def run_batched(paths, loop: Loop, gen, batch_size) -> float:
     started = time.perf_counter()
     images = [Image.open(p).convert("RGB") for p in paths]
     for i in range(0, len(images), batch_size):
-        inputs = processor(images=images[i : i + batch_size], return_tensors="pt").to(device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-        out = model.generate(**inputs, **gen)
-        processor.batch_decode(out, skip_special_tokens=True)
-    _sync(device)
+        loop.caption(images[i : i + batch_size], gen)
+    _sync(loop.device)
     return time.perf_counter() - started
 
 
@@ -209,19 +215,19 @@ def section_compare(args, model_dir: str, tmp: Path) -> None:
     gen = {"max_new_tokens": args.tokens, "min_new_tokens": args.tokens, "num_beams": 1}
     folder = tmp / "images"
     paths = make_jpegs(folder, args.images, args.width, args.height)
-    processor, model, device, dtype = load(model_dir)
-    run_batched(paths[: args.batch_size], processor, model, gen, args.batch_size, device, dtype)
-    if device.type == "cuda":
+    loop = load(model_dir)
+    run_batched(paths[: args.batch_size], loop, gen, args.batch_size)  # warm up
+    if loop.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     naive_paths = paths[: args.naive_images or len(paths)]
-    naive = len(naive_paths) / run_naive(naive_paths, processor, model, gen, device, dtype)
-    batched = args.images / run_batched(
-        paths, processor, model, gen, args.batch_size, device, dtype
-    )
+    naive = len(naive_paths) / run_naive(naive_paths, loop, gen)
+    batched = args.images / run_batched(paths, loop, gen, args.batch_size)
     gpu_mem = (
-        f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else "-"
+        f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+        if loop.device.type == "cuda"
+        else "-"
     )
-    del model
+    del loop
     cfg = pipeline_config(folder, tmp / "out", model_dir, args.batch_size, args.tokens)
     seconds, actors = run_pipeline(cfg)
     pipeline = args.images / seconds
