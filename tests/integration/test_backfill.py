@@ -239,3 +239,27 @@ def test_actors_that_would_take_every_cpu_fail_fast_instead_of_hanging(
     assert not (tmp_path / "out" / "_SUCCESS").exists()
     cfg.compute.concurrency = (1, 2)  # one actor leaves a CPU free: the pool may grow later
     assert run_caption(cfg).captioned == 2
+
+
+def test_decode_runs_as_tasks_apart_from_the_caption_actor(
+    local_ray, tiny_models, tmp_path, monkeypatch
+):
+    # On a CPU-only cluster decode and the actor both ask for 1 CPU; Ray Data fuses stages
+    # with equal requests, which would put decode inside the actor, in series with the model.
+    import raycaption.pipeline as pipeline
+
+    executed = []
+    stream = pipeline.stream_commits
+
+    def keep_stats(ds, *args, **kwargs):
+        stream(ds, *args, **kwargs)
+        executed.append(ds.stats())
+
+    monkeypatch.setattr(pipeline, "stream_commits", keep_stats)
+    images = tmp_path / "images"
+    make_images(images, 4)
+    assert run_caption(config(images, tmp_path / "out", tiny_models["git"])).captioned == 4
+    (stats,) = executed
+    assert "MapBatches(read_batch)->MapBatches(decode_batch)" in stats
+    assert "MapBatches(CaptionActor)" in stats
+    assert "decode_batch)->MapBatches(CaptionActor)" not in stats
